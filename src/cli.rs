@@ -1,0 +1,167 @@
+//! The command line: argument parsing (clap) and one function per command. Errors print as
+//! a single line `drfs: ...` with a non-zero exit; usage errors exit 2 (clap's convention).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::mount::{self, MountOpts};
+
+#[derive(Parser)]
+#[command(
+    name = "drfs",
+    version,
+    about = "Disaster-recovery replication for VM disk images, as a filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount STORE at MOUNTPOINT, tracking every change; returns once the mount serves.
+    Mount {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        /// Tracking block size (power of two, 4K..16M), fixed when a store is first mounted.
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        /// Let users other than the one mounting use the mount (e.g. qemu as libvirt-qemu).
+        #[arg(long)]
+        allow_other: bool,
+        /// Stay in the foreground (for systemd); the mount is ready when READY=1 is sent.
+        #[arg(long)]
+        foreground: bool,
+        /// Pass through without tracking (for benchmarks only: changes go unrecorded, and
+        /// the next tracked mount resyncs every file they touched).
+        #[arg(long)]
+        no_track: bool,
+    },
+    /// Unmount MOUNTPOINT and wait until the daemon has stopped cleanly.
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open; the daemon stops when they are closed.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Show what is tracked for STORE (or one PATH in it) since tracking began.
+    Changes {
+        store: PathBuf,
+        path: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses sizes like `65536`, `64K`, `1M`, `4KiB`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s}"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("not a size: {s}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s}"))
+}
+
+fn check_block_size(bs: Option<u64>) -> Result<()> {
+    if let Some(bs) = bs {
+        anyhow::ensure!(
+            bs.is_power_of_two() && (4096..=16 << 20).contains(&bs),
+            "--block-size must be a power of two from 4K to 16M, not {bs}"
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Mount {
+            store,
+            mountpoint,
+            block_size,
+            threads,
+            allow_other,
+            foreground,
+            no_track,
+        } => {
+            check_block_size(block_size)?;
+            anyhow::ensure!((1..=256).contains(&threads), "--threads must be 1..256");
+            mount::mount(&MountOpts {
+                store,
+                mountpoint,
+                block_size,
+                threads,
+                allow_other,
+                foreground,
+                track: !no_track,
+            })?;
+        }
+        Cmd::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy)?,
+        Cmd::Changes { store, path, json } => {
+            let c = crate::changes::collect(&store, path.as_deref())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&c).context("encoding JSON")?
+                );
+            } else {
+                print!("{}", crate::changes::render(&c));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            // One line, not clap's usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad usage");
+            eprintln!(
+                "drfs: {} (see drfs --help)",
+                first.trim_start_matches("error: ")
+            );
+            return 2;
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("drfs: {e:#}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

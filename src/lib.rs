@@ -1,0 +1,12 @@
+//! drfs: disaster-recovery replication for virtual-machine disks, as a filesystem.
+//! Data flows one way: the tracked mount (`mount`, `track`) records what changes; later
+//! stages ship it to a replica and show its recovery points. See ARCHITECTURE.md.
+
+pub mod changes;
+pub mod cli;
+pub mod error;
+pub mod mount;
+pub mod relpath;
+pub mod state;
+pub mod sys;
+pub mod track;

@@ -1,0 +1,299 @@
+//! The store's state directory `STORE/.drfs/`: its layout, the versioned config file
+//! (`state.toml`), the exclusive daemon lock, and the markers that tell the next mount how
+//! the previous one ended (clean unmount, daemon killed, or host crash).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{At, Error, Result};
+use crate::sys;
+
+pub const STATE_DIR: &str = ".drfs";
+pub const FORMAT: u32 = 1;
+pub const DEFAULT_BLOCK: u64 = 64 * 1024;
+/// Activity-log extent: the unit whose dirtiness survives a host crash.
+pub const DEFAULT_AL_EXTENT: u64 = 64 * 1024 * 1024;
+/// Activity-log slots: how many extents may be hot between two checkpoints.
+pub const DEFAULT_AL_SLOTS: u32 = 2048;
+/// Margin for the kernel's coarse timestamps when comparing ctimes with our clock.
+const CLOCK_MARGIN_NS: i128 = 50_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// `state.toml`: human-readable and versioned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub format: u32,
+    pub store_id: String,
+    pub role: Role,
+    pub created: String,
+    pub block_size: u64,
+    pub al_extent: u64,
+    pub al_slots: u32,
+}
+
+/// How the previous mount of this store ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastStop {
+    /// No mount has tracked this store yet.
+    Fresh,
+    /// Clean unmount: a file whose ctime is at or after `since_ns` changed while unmounted.
+    Clean { since_ns: i128 },
+    /// The daemon died. `same_boot` means its page cache (bitmaps) survived.
+    Crashed { same_boot: bool, since_ns: i128 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CleanMarker {
+    since_ns: i128,
+    time: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub pid: i32,
+    pub boot_id: String,
+    pub mountpoint: PathBuf,
+    pub started: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    store: PathBuf,
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(store: &Path) -> Self {
+        StateDir {
+            store: store.to_path_buf(),
+            dir: store.join(STATE_DIR),
+        }
+    }
+
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path("state.toml").is_file()
+    }
+
+    /// Creates the state directory on first use; checks the block size on later uses.
+    pub fn open_or_init(store: &Path, block_size: Option<u64>) -> Result<(StateDir, Config)> {
+        let sd = StateDir::new(store);
+        if sd.exists() {
+            let cfg = sd.config()?;
+            if let Some(bs) = block_size.filter(|&bs| bs != cfg.block_size) {
+                return Err(Error::Invalid(format!(
+                    "{} already tracks with --block-size {}; it cannot change to {} (remove {} to start tracking afresh)",
+                    store.display(),
+                    cfg.block_size,
+                    bs,
+                    sd.dir.display()
+                )));
+            }
+            return Ok((sd, cfg));
+        }
+        let cfg = Config {
+            format: FORMAT,
+            store_id: new_id(),
+            role: Role::Primary,
+            created: rfc3339_now(),
+            block_size: block_size.unwrap_or(DEFAULT_BLOCK),
+            al_extent: DEFAULT_AL_EXTENT,
+            al_slots: DEFAULT_AL_SLOTS,
+        };
+        for d in ["", "bitmaps", "log"] {
+            let p = sd.dir.join(d);
+            fs::create_dir_all(&p).at(&p)?;
+            // Only root's business: the daemon runs with umask 0.
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).at(&p)?;
+        }
+        sd.write_config(&cfg)?;
+        Ok((sd, cfg))
+    }
+
+    /// Opens an existing state directory; a store never mounted is an error.
+    pub fn open(store: &Path) -> Result<(StateDir, Config)> {
+        let sd = StateDir::new(store);
+        if !sd.exists() {
+            return Err(Error::Invalid(format!(
+                "{} is not a drfs store (no {}/state.toml); mount it with `drfs mount` first",
+                store.display(),
+                STATE_DIR
+            )));
+        }
+        let cfg = sd.config()?;
+        Ok((sd, cfg))
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let p = self.path("state.toml");
+        let text = fs::read_to_string(&p).at(&p)?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| Error::corrupt(&p, e.message()))?;
+        if cfg.format != FORMAT {
+            return Err(Error::corrupt(
+                &p,
+                format!("format {} (this drfs reads {FORMAT})", cfg.format),
+            ));
+        }
+        if !cfg.block_size.is_power_of_two() || cfg.al_extent % cfg.block_size != 0 {
+            return Err(Error::corrupt(&p, "block_size / al_extent invalid"));
+        }
+        Ok(cfg)
+    }
+
+    pub fn write_config(&self, cfg: &Config) -> Result<()> {
+        let p = self.path("state.toml");
+        let body = toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let text = format!("# drfs store state; format {FORMAT}. Edit only with drfs.\n{body}");
+        sys::write_atomic(&p, text.as_bytes()).at(&p)
+    }
+
+    /// Takes the exclusive daemon lock; fails if another daemon tracks this store.
+    pub fn lock(&self) -> Result<File> {
+        let p = self.path("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .at(&p)?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let who = self
+                .run_info()
+                .map(|r| format!(" (daemon pid {} at {})", r.pid, r.mountpoint.display()))
+                .unwrap_or_default();
+            return Err(Error::Busy(format!(
+                "store {} is already mounted{who}",
+                self.store.display()
+            )));
+        }
+        Ok(f)
+    }
+
+    /// Reads the previous stop and records that a new mount is running.
+    pub fn begin_run(&self, mountpoint: &Path) -> Result<LastStop> {
+        let last = self.last_stop()?;
+        let info = RunInfo {
+            pid: std::process::id() as i32,
+            boot_id: sys::boot_id(),
+            mountpoint: mountpoint.to_path_buf(),
+            started: rfc3339_now(),
+        };
+        let p = self.path("run.json");
+        let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+        sys::write_atomic(&p, &body).at(&p)?;
+        let clean = self.path("clean.json");
+        match fs::remove_file(&clean) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&clean),
+            _ => {}
+        }
+        sys::fsync_dir(&self.dir).at(&self.dir)?;
+        Ok(last)
+    }
+
+    fn last_stop(&self) -> Result<LastStop> {
+        let clean = self.path("clean.json");
+        if let Ok(text) = fs::read_to_string(&clean) {
+            let m: CleanMarker =
+                serde_json::from_str(&text).map_err(|e| Error::corrupt(&clean, e.to_string()))?;
+            return Ok(LastStop::Clean {
+                since_ns: m.since_ns,
+            });
+        }
+        let Some(info) = self.run_info() else {
+            return Ok(LastStop::Fresh);
+        };
+        let since_ns = self.heartbeat_ns().unwrap_or(0) - CLOCK_MARGIN_NS;
+        Ok(LastStop::Crashed {
+            same_boot: info.boot_id == sys::boot_id() && !info.boot_id.is_empty(),
+            since_ns,
+        })
+    }
+
+    pub fn run_info(&self) -> Option<RunInfo> {
+        let text = fs::read_to_string(self.path("run.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Records a clean stop; call only once nothing can change the store through the mount.
+    pub fn mark_clean(&self) -> Result<()> {
+        // Any change through the mount happened before now; wait out coarse timestamps.
+        std::thread::sleep(std::time::Duration::from_nanos(2 * CLOCK_MARGIN_NS as u64));
+        let m = CleanMarker {
+            since_ns: sys::now_ns() - CLOCK_MARGIN_NS,
+            time: rfc3339_now(),
+        };
+        let p = self.path("clean.json");
+        let body = serde_json::to_vec(&m).map_err(|e| Error::Invalid(e.to_string()))?;
+        sys::write_atomic(&p, &body).at(&p)
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.path("clean.json").exists()
+    }
+
+    /// The heartbeat file the daemon rewrites every 100 ms while it runs.
+    pub fn open_heartbeat(&self) -> Result<File> {
+        let p = self.path("heartbeat");
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&p)
+            .at(&p)
+    }
+
+    fn heartbeat_ns(&self) -> Option<i128> {
+        let mut f = File::open(self.path("heartbeat")).ok()?;
+        let mut b = [0u8; 16];
+        f.read_exact(&mut b).ok()?;
+        Some(i128::from_le_bytes(b))
+    }
+}
+
+pub fn beat(f: &File) {
+    let _ = f.write_all_at(&sys::now_ns().to_le_bytes(), 0);
+}
+
+/// A random 64-bit id as 16 hex digits.
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        b = (sys::now_ns() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    format!("{:016x}", u64::from_le_bytes(b))
+}
+
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+pub fn rfc3339_ns(ns: i128) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Writes a line to a file opened for append (used for the daemon's event log).
+pub fn append_line(f: &mut File, line: &str) {
+    let _ = writeln!(f, "{line}");
+}
