@@ -1,0 +1,198 @@
+//! The command line under bad input and odd situations: every error is one line on stderr
+//! with a non-zero exit, and nothing is left mounted or changed. Also: a stale mount left
+//! by a killed daemon is replaced, a busy mount is not unmounted (unless --lazy), and
+//! --foreground serves until unmounted.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Asserts a failure with a single-line message containing `needle`.
+fn fails(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn run(args: &[&std::ffi::OsStr]) -> Output {
+    drfs().args(args).output().unwrap()
+}
+
+#[test]
+fn bad_mount_arguments_get_one_line_errors() {
+    let f = Fixture::new("badargs");
+    let (s, m) = (f.store.as_os_str(), f.mnt.as_os_str());
+    fails(
+        run(&[os("mount"), f.root.join("nope").as_os_str(), m]),
+        "nope",
+    );
+    fs::write(f.root.join("afile"), b"x").unwrap();
+    fails(
+        run(&[os("mount"), s, f.root.join("afile").as_os_str()]),
+        "not a directory",
+    );
+    fails(
+        run(&[os("mount"), f.root.join("afile").as_os_str(), m]),
+        "not a directory",
+    );
+    fails(
+        run(&[os("mount"), s, f.root.join("nodir").as_os_str()]),
+        "nodir",
+    );
+    fs::write(f.mnt.join("junk"), b"x").unwrap();
+    fails(run(&[os("mount"), s, m]), "not empty");
+    fs::remove_file(f.mnt.join("junk")).unwrap();
+    fails(
+        run(&[os("mount"), s, f.store.join("inner").as_os_str()]),
+        "inner",
+    );
+    fs::create_dir(f.s("inner")).unwrap();
+    fails(
+        run(&[os("mount"), s, f.store.join("inner").as_os_str()]),
+        "must not contain",
+    );
+    fails(
+        run(&[os("mount"), s, m, os("--block-size"), os("3000")]),
+        "power of two",
+    );
+    fails(
+        run(&[os("mount"), s, m, os("--threads"), os("0")]),
+        "--threads",
+    );
+    let out = run(&[os("mount"), s, m, os("--bogus")]);
+    assert_eq!(out.status.code(), Some(2));
+    fails(out, "--bogus");
+    fails(run(&[os("frobnicate")]), "frobnicate");
+    assert!(!is_mounted(&f.mnt));
+    assert!(!f.s(".drfs").exists(), "a failed mount left state behind");
+}
+
+#[test]
+fn a_mounted_store_cannot_be_mounted_twice() {
+    let f = Fixture::new("twice");
+    f.mount(&["--block-size", "64K"]);
+    let other = f.root.join("other");
+    fs::create_dir(&other).unwrap();
+    fails(
+        run(&[os("mount"), f.store.as_os_str(), other.as_os_str()]),
+        "already mounted",
+    );
+    fails(
+        run(&[os("mount"), f.root.as_os_str(), f.mnt.as_os_str()]),
+        "already a drfs mount",
+    );
+    assert!(!is_mounted(&other));
+    f.unmount();
+    fails(
+        run(&[
+            os("mount"),
+            f.store.as_os_str(),
+            f.mnt.as_os_str(),
+            os("--block-size"),
+            os("4K"),
+        ]),
+        "block-size",
+    );
+    assert!(!is_mounted(&f.mnt));
+}
+
+#[test]
+fn other_commands_reject_bad_input() {
+    let f = Fixture::new("badcmd");
+    fails(
+        run(&[os("changes"), f.store.as_os_str()]),
+        "not a drfs store",
+    );
+    fails(
+        run(&[os("changes"), f.root.join("nope").as_os_str()]),
+        "nope",
+    );
+    fails(run(&[os("unmount"), f.mnt.as_os_str()]), "not mounted");
+    fails(
+        run(&[os("unmount"), f.root.join("nope").as_os_str()]),
+        "nope",
+    );
+    f.mount(&[]);
+    fails(
+        run(&[os("changes"), f.store.as_os_str(), os("/etc/passwd")]),
+        "not inside store",
+    );
+    f.unmount();
+}
+
+#[test]
+fn a_stale_mount_is_replaced() {
+    let f = Fixture::new("stale");
+    f.mount(&[]);
+    fs::write(f.m("a"), b"before").unwrap();
+    f.kill_daemon();
+    assert!(is_mounted(&f.mnt), "the stale mount is still there");
+    let err = fs::read(f.m("a")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
+    let out = ok(drfs().arg("mount").arg(&f.store).arg(&f.mnt));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale"));
+    assert_eq!(fs::read(f.m("a")).unwrap(), b"before");
+    let log = f.changes()["log"].to_string();
+    assert!(log.contains("daemon killed"), "{log}");
+    f.unmount();
+}
+
+#[test]
+fn busy_mounts_stay_mounted_unless_lazy() {
+    let f = Fixture::new("busy");
+    f.mount(&[]);
+    let held = fs::File::create(f.m("held")).unwrap();
+    fails(run(&[os("unmount"), f.mnt.as_os_str()]), "busy");
+    assert!(is_mounted(&f.mnt));
+    ok(drfs().arg("unmount").arg("--lazy").arg(&f.mnt));
+    assert!(!is_mounted(&f.mnt));
+    let pids = daemons_of(&f.mnt);
+    assert_eq!(
+        pids.len(),
+        1,
+        "the daemon serves the open file until it is closed"
+    );
+    drop(held);
+    assert!(
+        wait_gone(pids[0], Duration::from_secs(10)),
+        "daemon did not stop after the last close"
+    );
+    assert!(f.s(".drfs/clean.json").exists(), "no clean stop recorded");
+}
+
+#[test]
+fn foreground_serves_until_unmounted() {
+    let f = Fixture::new("fg");
+    let mut child = drfs()
+        .arg("mount")
+        .arg("--foreground")
+        .arg(&f.store)
+        .arg(&f.mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !is_mounted(&f.mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "foreground mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::write(f.m("x"), b"x").unwrap();
+    ok(Command::new("umount").arg(&f.mnt));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "foreground daemon exited with {status}");
+    assert!(f.s(".drfs/clean.json").exists());
+    assert_eq!(f.file_changes("x")["dirty"], serde_json::json!([[0, 1]]));
+}
