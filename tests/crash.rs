@@ -165,9 +165,9 @@ fn host_crash_is_covered_by_the_activity_log() {
         "after a host crash, written but unmarked: {missing:?}"
     );
     // Over-approximation stays within the extents that were written (64 MiB each).
-    let extents: BTreeSet<u64> = written.iter().map(|b| b * BS >> 26).collect();
+    let extents: BTreeSet<u64> = written.iter().map(|b| (b * BS) >> 26).collect();
     assert!(
-        dirty.iter().all(|b| extents.contains(&(b * BS >> 26))),
+        dirty.iter().all(|b| extents.contains(&((b * BS) >> 26))),
         "marked outside the written extents"
     );
     let log = f.changes()["log"].to_string();
