@@ -10,3 +10,6 @@ pub mod relpath;
 pub mod state;
 pub mod sys;
 pub mod track;
+
+#[global_allocator]
+static ALLOC: mount::bufalloc::FuseBufAlloc = mount::bufalloc::FuseBufAlloc;

@@ -380,11 +380,9 @@ impl DrFs {
         } else {
             (file, None, None)
         };
-        let fopen = if flags & libc::O_DIRECT != 0 {
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
-        } else {
-            FopenFlags::empty()
-        };
+        // Every write reaches the daemon synchronously, in the caller's own pages: no copy
+        // through FUSE's page cache, parallel writers, and a cut sees writes in order.
+        let fopen = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
         let fh = self.files.insert(Handle {
             inode: inode.clone(),
             file,
@@ -402,13 +400,13 @@ impl DrFs {
         &self,
         buffered: std::fs::File,
         flags: i32,
-    ) -> (std::fs::File, Option<std::fs::File>, Option<u64>) {
-        let Some((_, off_align)) = sys::dio_align(buffered.as_fd()) else {
+    ) -> (std::fs::File, Option<std::fs::File>, Option<(usize, u64)>) {
+        let Some((mem_align, off_align)) = sys::dio_align(buffered.as_fd()) else {
             return (buffered, None, None);
         };
         let dflags = (flags & (libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC)) | libc::O_DIRECT;
         match sys::reopen(buffered.as_fd(), dflags) {
-            Ok(d) => (d, Some(buffered), Some(off_align as u64)),
+            Ok(d) => (d, Some(buffered), Some((mem_align, off_align as u64))),
             Err(_) => (buffered, None, None),
         }
     }

@@ -26,8 +26,8 @@ pub struct Handle {
     pub file: File,
     /// A buffered descriptor for I/O the direct one cannot do.
     pub buffered: Option<File>,
-    /// O_DIRECT offset/length alignment of the backing file, for direct handles.
-    pub align: Option<u64>,
+    /// O_DIRECT (memory, offset/length) alignment of the backing file, for direct handles.
+    pub align: Option<(usize, u64)>,
     pub writable: bool,
     pub track: Option<Arc<FileTrack>>,
 }
@@ -36,7 +36,7 @@ impl Handle {
     /// The descriptor for a request at `off` of `len` bytes, and whether it is direct.
     fn pick(&self, off: u64, len: usize) -> (&File, bool) {
         match (self.align, &self.buffered) {
-            (Some(a), _) if off % a == 0 && len as u64 % a == 0 => (&self.file, true),
+            (Some((_, a)), _) if off % a == 0 && len as u64 % a == 0 => (&self.file, true),
             (Some(_), Some(b)) => (b, false),
             _ => (&self.file, false),
         }
@@ -63,7 +63,8 @@ impl Handle {
     /// Writes all of `data` at `off`.
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<()> {
         let (f, direct) = self.pick(off, data.len());
-        if !direct {
+        let mem_align = self.align.map_or(1, |(m, _)| m.max(1));
+        if !direct || (data.as_ptr() as usize) % mem_align == 0 {
             return f.write_all_at(data, off);
         }
         BOUNCE.with(|b| {

@@ -8,6 +8,7 @@
 //! `fusermount3 -u`, `umount`, or a SIGTERM/SIGINT it turns into a lazy unmount); it then
 //! flushes the bitmaps, saves the file table and records a clean stop.
 
+pub mod bufalloc;
 pub mod creds;
 pub mod fs;
 pub mod handle;
