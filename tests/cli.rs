@@ -196,3 +196,35 @@ fn foreground_serves_until_unmounted() {
     assert!(f.s(".drfs/clean.json").exists());
     assert_eq!(f.file_changes("x")["dirty"], serde_json::json!([[0, 1]]));
 }
+
+#[test]
+fn the_mount_helper_translates_fstab_options() {
+    let f = Fixture::new("helper");
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mount/mount.drfs");
+    ok(Command::new(&helper)
+        .env("DRFS", BIN)
+        .arg(&f.store)
+        .arg(&f.mnt)
+        .args([
+            "-o",
+            "rw,allow_other,block_size=4K,threads=4,nofail,x-systemd.automount",
+        ]));
+    assert!(is_mounted(&f.mnt));
+    let cfg = fs::read_to_string(f.s(".drfs/state.toml")).unwrap();
+    assert!(cfg.contains("block_size = 4096"), "{cfg}");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(f.mnt.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("allow_other"), "{line}");
+    let pids = daemons_of(&f.mnt);
+    ok(Command::new("umount").arg(&f.mnt));
+    for p in pids {
+        assert!(wait_gone(p, Duration::from_secs(10)));
+    }
+    assert!(
+        f.s(".drfs/clean.json").exists(),
+        "umount must stop drfs cleanly"
+    );
+}

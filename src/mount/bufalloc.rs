@@ -21,39 +21,48 @@ fn special(l: &Layout) -> bool {
     l.size() == FUSE_BUF && l.align() <= 16
 }
 
-fn outer() -> Layout {
-    // SHIFT + FUSE_BUF bytes at page alignment; both are constants, so this cannot fail.
-    Layout::from_size_align(FUSE_BUF + SHIFT, PAGE).unwrap_or(Layout::new::<u8>())
+/// The mapping behind a special buffer: anonymous, so it is zeroed and only the pages a
+/// request touches become resident (16 threads do not cost 16 x 16 MiB).
+const MAP_LEN: usize = FUSE_BUF + SHIFT;
+
+fn map() -> *mut u8 {
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MAP_LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        std::ptr::null_mut()
+    } else {
+        unsafe { p.cast::<u8>().add(SHIFT) }
+    }
 }
 
 unsafe impl GlobalAlloc for FuseBufAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if !special(&l) {
-            return unsafe { System.alloc(l) };
-        }
-        let base = unsafe { System.alloc(outer()) };
-        if base.is_null() {
-            base
+        if special(&l) {
+            map()
         } else {
-            unsafe { base.add(SHIFT) }
+            unsafe { System.alloc(l) }
         }
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if !special(&l) {
-            return unsafe { System.alloc_zeroed(l) };
-        }
-        let base = unsafe { System.alloc_zeroed(outer()) };
-        if base.is_null() {
-            base
+        if special(&l) {
+            map()
         } else {
-            unsafe { base.add(SHIFT) }
+            unsafe { System.alloc_zeroed(l) }
         }
     }
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         if special(&l) {
-            unsafe { System.dealloc(p.sub(SHIFT), outer()) }
+            unsafe { libc::munmap(p.sub(SHIFT).cast(), MAP_LEN) };
         } else {
             unsafe { System.dealloc(p, l) }
         }

@@ -115,22 +115,18 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
     }
 }
 
-/// The marks a fallocate needs: the byte range whose content it changes, if any.
+/// The bytes a fallocate changes inside the file's current size, if any. Growth needs no
+/// mark: the new size travels with the cut, and a file extended on the replica reads zeros.
 pub fn fallocate_range(mode: i32, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
     let end = offset.saturating_add(len);
-    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-    let (a, b) = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+    let (a, b) = if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         (offset, end.min(size))
-    } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-        (offset, if keep { end.min(size) } else { end })
     } else if mode & libc::FALLOC_FL_COLLAPSE_RANGE != 0 {
         (offset, size)
     } else if mode & libc::FALLOC_FL_INSERT_RANGE != 0 {
         (offset, size.saturating_add(len))
-    } else if keep {
-        (0, 0)
     } else {
-        (size, end)
+        (0, 0)
     };
     (b > a).then(|| (a, b - a))
 }
@@ -313,8 +309,8 @@ impl DrFs {
         };
         let ft = self.track_of(inode)?;
         let old = file.metadata().map_err(errno)?.len();
-        let (lo, hi) = (old.min(size), old.max(size));
-        let _g = self.begin_write(ft.as_deref(), lo, hi - lo)?;
+        // Shrinking removes data (marked); growing only adds zeros (the size says it).
+        let _g = self.begin_write(ft.as_deref(), size, old.saturating_sub(size))?;
         file.set_len(size).map_err(errno)?;
         if old == size {
             return Ok(());
@@ -1170,7 +1166,7 @@ mod tests {
     fn fallocate_marks() {
         let k = libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(fallocate_range(0, 0, 100, 1000), None);
-        assert_eq!(fallocate_range(0, 900, 200, 1000), Some((1000, 100)));
+        assert_eq!(fallocate_range(0, 900, 200, 1000), None);
         assert_eq!(fallocate_range(k, 900, 200, 1000), None);
         assert_eq!(
             fallocate_range(libc::FALLOC_FL_PUNCH_HOLE | k, 900, 200, 1000),
@@ -1178,7 +1174,7 @@ mod tests {
         );
         assert_eq!(
             fallocate_range(libc::FALLOC_FL_ZERO_RANGE, 900, 200, 1000),
-            Some((900, 200))
+            Some((900, 100))
         );
         assert_eq!(
             fallocate_range(libc::FALLOC_FL_ZERO_RANGE | k, 900, 200, 1000),

@@ -2,8 +2,10 @@
 //! `STATE/bitmaps/<id>.bm` mapped shared into the daemon. Bits are set with atomic
 //! `fetch_or` straight into the shared mapping, so they live in the page cache the moment
 //! they are set and survive a SIGKILL of the daemon. Format v1: a 4096-byte header
-//! (magic `DRFSBM01`, version u32, block size u32, file id u64) then the bits, little-endian
-//! u64 words, block `b` is bit `b % 64` of word `b / 64`. The file grows a page of bits at a time.
+//! (magic `DRFSBM01`, version u32, block size u32, file id u64, role stamp u64) then the
+//! bits, little-endian u64 words, block `b` is bit `b % 64` of word `b / 64`. The file
+//! grows a page of bits at a time. Each file has two maps (`<id>.bm`, `<id>.2.bm`): the
+//! one with the larger role stamp takes new writes, the other holds a cut's frozen set.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -119,6 +121,39 @@ impl Bitmap {
             }
             b = b - lo + 64;
         }
+    }
+
+    /// Whether block `b` is set.
+    pub fn test(&self, b: u64) -> bool {
+        self.words()
+            .get((b / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (b % 64)) != 0)
+    }
+
+    /// Whether any block is set.
+    pub fn any(&self) -> bool {
+        self.words().iter().any(|w| w.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Sets every block set in `other` (which must not be larger).
+    pub fn or_from(&self, other: &Bitmap) {
+        for (w, o) in self.words().iter().zip(other.words()) {
+            let v = o.load(Ordering::Acquire);
+            if v != 0 {
+                w.fetch_or(v, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The role stamp: the cut epoch at which this map last became the active one.
+    pub fn stamp(&self) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&self.map[24..32]);
+        u64::from_le_bytes(a)
+    }
+
+    pub fn set_stamp(&mut self, stamp: u64) {
+        self.map[24..32].copy_from_slice(&stamp.to_le_bytes());
     }
 
     /// Clears everything (after the changes have been shipped).
