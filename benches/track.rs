@@ -17,8 +17,11 @@ fn tracker(c: &mut Criterion) {
     std::fs::create_dir(&store).expect("store");
     let (sd, cfg) = StateDir::open_or_init(&store, None).expect("state");
     let t = Tracker::open(sd, cfg, dir.path(), LastStop::Fresh).expect("tracker");
+    let img = store.join("disk.img");
+    std::fs::write(&img, b"").expect("image");
+    let open = || std::fs::File::open(&img);
     let ft = t
-        .created(RelPath::from_bytes(b"disk.img"), 12, 34, 0o644)
+        .created(RelPath::from_bytes(b"disk.img"), 12, 34, 0o644, &open)
         .expect("file");
     // Warm the extents once so the loop measures the steady state.
     drop(t.begin_write(&ft, 0, 1 << 30).expect("warm"));

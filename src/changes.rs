@@ -55,7 +55,7 @@ fn op_paths(op: &Op) -> Vec<&RelPath> {
         | Op::Vanished { path, .. } => vec![path],
         Op::Rename { from, to, .. } => vec![from, to],
         Op::Moved { paths, .. } => paths.iter().collect(),
-        Op::Mount { .. } | Op::Unmount => vec![],
+        Op::Mount { .. } | Op::Unmount | Op::Resynced { .. } => vec![],
     }
 }
 

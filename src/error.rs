@@ -14,6 +14,9 @@ pub enum Error {
     Corrupt { path: PathBuf, why: String },
     #[error("{0}")]
     Busy(String),
+    /// The replica refused, or a cycle failed in a way that says whether to retry.
+    #[error("{message}")]
+    Refused { message: String, recoverable: bool },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -23,6 +26,20 @@ impl Error {
         Error::Corrupt {
             path: path.to_path_buf(),
             why: why.into(),
+        }
+    }
+
+    /// Whether retrying later may succeed (Azure Site Recovery's recoverable errors:
+    /// network, disk full, memory); permissions, diverged or corrupt state are not.
+    pub fn recoverable(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => !matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES | libc::EPERM | libc::EROFS)
+            ),
+            Error::Corrupt { .. } => false,
+            Error::Refused { recoverable, .. } => *recoverable,
+            Error::Invalid(_) | Error::Busy(_) => true,
         }
     }
 

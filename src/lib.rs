@@ -4,12 +4,18 @@
 
 pub mod changes;
 pub mod cli;
+pub mod control;
+pub mod cycle;
 pub mod error;
 pub mod mount;
 pub mod relpath;
+pub mod replica;
+pub mod runs;
 pub mod state;
+pub mod status;
 pub mod sys;
 pub mod track;
+pub mod wire;
 
 #[global_allocator]
 static ALLOC: mount::bufalloc::FuseBufAlloc = mount::bufalloc::FuseBufAlloc;

@@ -41,6 +41,30 @@ pub struct Config {
     pub block_size: u64,
     pub al_extent: u64,
     pub al_slots: u32,
+    /// On a replica: the id of the store it replicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// On a replica: its retention policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
+    /// On a primary: where and how it replicates (`drfs protect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+}
+
+/// `[replication]` in a primary's `state.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The replica: a local directory.
+    pub target: String,
+    /// Time between cycles, e.g. `30s`, `5m`.
+    pub interval: String,
+    /// Retention policy, applied by the replica.
+    pub keep: String,
+    /// Consistency groups: `store` (one) or `dir` (one per top-level folder).
+    pub group: String,
+    /// The replica's own id, learned when it was bound to this store.
+    pub replica_id: String,
 }
 
 /// How the previous mount of this store ended.
@@ -94,11 +118,46 @@ impl StateDir {
         self.path("state.toml").is_file()
     }
 
+    /// Creates a replica's state directory.
+    pub fn init_replica(
+        root: &Path,
+        source: &str,
+        block_size: u64,
+        keep: &str,
+    ) -> Result<(StateDir, Config)> {
+        let sd = StateDir::new(root);
+        let cfg = Config {
+            format: FORMAT,
+            store_id: new_id(),
+            role: Role::Replica,
+            created: rfc3339_now(),
+            block_size,
+            al_extent: DEFAULT_AL_EXTENT,
+            al_slots: DEFAULT_AL_SLOTS,
+            source: Some(source.to_string()),
+            keep: Some(keep.to_string()),
+            replication: None,
+        };
+        for d in ["", "points"] {
+            let p = sd.dir.join(d);
+            fs::create_dir_all(&p).at(&p)?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).at(&p)?;
+        }
+        sd.write_config(&cfg)?;
+        Ok((sd, cfg))
+    }
+
     /// Creates the state directory on first use; checks the block size on later uses.
     pub fn open_or_init(store: &Path, block_size: Option<u64>) -> Result<(StateDir, Config)> {
         let sd = StateDir::new(store);
         if sd.exists() {
             let cfg = sd.config()?;
+            if cfg.role == Role::Replica {
+                return Err(Error::Invalid(format!(
+                    "{} is a drfs replica, not a primary store (after a failover it is promoted first)",
+                    store.display()
+                )));
+            }
             if let Some(bs) = block_size.filter(|&bs| bs != cfg.block_size) {
                 return Err(Error::Invalid(format!(
                     "{} already tracks with --block-size {}; it cannot change to {} (remove {} to start tracking afresh)",
@@ -118,6 +177,9 @@ impl StateDir {
             block_size: block_size.unwrap_or(DEFAULT_BLOCK),
             al_extent: DEFAULT_AL_EXTENT,
             al_slots: DEFAULT_AL_SLOTS,
+            source: None,
+            keep: None,
+            replication: None,
         };
         for d in ["", "bitmaps", "log"] {
             let p = sd.dir.join(d);

@@ -30,7 +30,7 @@ use crate::relpath::RelPath;
 use crate::state::STATE_DIR;
 use crate::sys;
 use crate::track::changelog::Op;
-use crate::track::{FileTrack, Guard, Tracker};
+use crate::track::{FileTrack, Guard, NsGuard, Tracker};
 
 const TTL: Duration = Duration::from_secs(1);
 /// copy_file_range replies with a u32 count; copy at most this much per call.
@@ -200,7 +200,7 @@ impl DrFs {
         Ok((self.inodes.insert(fd, &st), attr))
     }
 
-    fn gate(&self) -> Option<Guard<'_>> {
+    fn gate(&self) -> Option<NsGuard<'_>> {
         self.tracker.as_deref().map(Tracker::begin)
     }
 
@@ -220,8 +220,9 @@ impl DrFs {
         if !inode.is_file() {
             return Ok(None);
         }
+        let open = || sys::reopen(inode.fd.as_fd(), libc::O_RDONLY);
         inode
-            .track(|| t.file(inode.ino, inode.birth(), || self.rel(inode)))
+            .track(|| t.file(inode.ino, inode.birth(), || self.rel(inode), &open))
             .map(Some)
             .map_err(terr)
     }
@@ -230,7 +231,7 @@ impl DrFs {
     fn begin_write(&self, ft: Option<&FileTrack>, off: u64, len: u64) -> Res<Option<Guard<'_>>> {
         match (&self.tracker, ft) {
             (Some(t), Some(ft)) => t.begin_write(ft, off, len).map(Some).map_err(terr),
-            (Some(t), None) => Ok(Some(t.begin())),
+            (Some(t), None) => Ok(Some(t.begin_write_none())),
             _ => Ok(None),
         }
     }
@@ -312,13 +313,16 @@ impl DrFs {
         // Shrinking removes data (marked); growing only adds zeros (the size says it).
         let _g = self.begin_write(ft.as_deref(), size, old.saturating_sub(size))?;
         file.set_len(size).map_err(errno)?;
+        if let Some(ft) = &ft {
+            ft.set_size(size);
+        }
         if old == size {
             return Ok(());
         }
         if let (Some(t), Some(ft)) = (&self.tracker, &ft) {
             self.log(Op::Truncate {
                 id: ft.id,
-                path: t.path_of(ft.id),
+                path: t.path_of(ft.id).unwrap_or_default(),
                 from: old,
                 to: size,
             });
@@ -347,8 +351,9 @@ impl DrFs {
         let path = self.rel_child(&p, name);
         if inode.is_file() {
             if let Some(t) = &self.tracker {
+                let open = || sys::reopen(inode.fd.as_fd(), libc::O_RDONLY);
                 let ft = t
-                    .created(path, inode.ino, inode.birth(), attr.perm.into())
+                    .created(path, inode.ino, inode.birth(), attr.perm.into(), &open)
                     .map_err(terr)?;
                 inode.track(|| Ok::<_, Errno>(ft))?;
             }
@@ -773,7 +778,13 @@ impl Filesystem for DrFs {
         };
         let r = self
             .begin_write(h.track.as_deref(), offset, data.len() as u64)
-            .and_then(|_g| h.write(offset, data).map_err(errno));
+            .and_then(|_g| {
+                h.write(offset, data).map_err(errno)?;
+                if let Some(ft) = &h.track {
+                    ft.grew(offset + data.len() as u64);
+                }
+                Ok(())
+            });
         reply_or!(reply, r, |()| reply.written(data.len() as u32));
     }
 
@@ -1022,9 +1033,10 @@ impl Filesystem for DrFs {
             let _g = self.begin_write(h.track.as_deref(), off, len)?;
             sys::fallocate(h.file.as_raw_fd(), mode, offset, length).map_err(errno)?;
             if let (Some(t), Some(ft)) = (&self.tracker, &h.track) {
+                ft.set_size(h.file.metadata().map_err(errno)?.len());
                 self.log(Op::Fallocate {
                     id: ft.id,
-                    path: t.path_of(ft.id),
+                    path: t.path_of(ft.id).unwrap_or_default(),
                     mode,
                     offset,
                     len: length,
@@ -1080,6 +1092,9 @@ impl Filesystem for DrFs {
                 )
                 .map_err(errno)
             });
+        if let (Ok(n), Some(ft)) = (&r, &ho.track) {
+            ft.grew(offset_out + *n as u64);
+        }
         reply_or!(reply, r, |n: usize| reply.written(n as u32));
     }
 }
@@ -1133,12 +1148,14 @@ impl DrFs {
         let attr = self.attr(&st);
         let inode = self.inodes.insert(path_fd.into(), &st);
         if let Some(t) = &self.tracker {
+            let open = || sys::reopen(inode.fd.as_fd(), libc::O_RDONLY);
             let ft = t
                 .created(
                     self.rel_child(&p, name),
                     inode.ino,
                     inode.birth(),
                     st.st_mode & 0o7777,
+                    &open,
                 )
                 .map_err(terr)?;
             inode.track(|| Ok::<_, Errno>(ft))?;

@@ -129,6 +129,10 @@ pub enum Op {
         id: FileId,
         path: RelPath,
     },
+    /// A cycle compared the whole file with the replica: tracking vouches for it again.
+    Resynced {
+        id: FileId,
+    },
 }
 
 fn is_false(b: &bool) -> bool {

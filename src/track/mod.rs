@@ -1,33 +1,43 @@
 //! Change tracking for one store: which blocks of which files changed, and which namespace
-//! and metadata changes happened, since tracking began (or since the last cut).
+//! and metadata changes happened, since the last shipped cut.
 //!
 //! Every operation that changes the store goes through the tracker *before* it touches the
 //! store: `begin_write` marks the blocks (and, for a cold extent, durably records it in the
-//! activity log) and returns holding the store's gate; the caller does the operation and
-//! drops the guard. A checkpoint (and, later, a cut) takes the gate exclusively, so it sees
-//! every operation either wholly before it or wholly after it.
+//! activity log), saves the cut-time content of blocks a running cycle still has to ship,
+//! and returns holding the store's gate; the caller does the operation and drops the
+//! guard. Namespace operations also hold the namespace lock. A checkpoint takes the gate
+//! exclusively; a cut takes the namespace lock and then the gate exclusively, so every
+//! operation falls wholly before it or wholly after it.
 
 pub mod activity;
 pub mod bitmap;
 pub mod changelog;
+pub mod cow;
+pub mod cut;
+pub mod file;
 pub mod reconcile;
 pub mod table;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::{Error, Result};
+use crate::error::{At, Error, Result};
 use crate::relpath::RelPath;
 use crate::state::{Config, LastStop, StateDir};
 use activity::ActivityLog;
 use bitmap::Bitmap;
 use changelog::{ChangeLog, Op, Record};
+use cow::Cow;
+pub use file::FileTrack;
+use file::{Mark, WHOLE_FILE};
 use table::Table;
 
 /// A file's stable id: random, given once, kept through renames. Printed as 16 hex digits.
@@ -79,113 +89,22 @@ impl<'de> Deserialize<'de> for FileId {
     }
 }
 
-/// An activity-log extent number that stands for "the whole file".
-const WHOLE_FILE: u64 = u64::MAX;
-/// A change spanning more extents than this is recorded as whole-file.
-const WHOLE_FILE_AFTER: u64 = 64;
-
-/// The open bitmap of one file, plus which of its extents are hot in the activity log.
-pub struct FileTrack {
-    pub id: FileId,
-    bits: RwLock<Bits>,
-}
-
-struct Bits {
-    map: Bitmap,
-    hot: Vec<AtomicU64>,
-    whole_hot: AtomicBool,
-}
-
-impl Bits {
-    fn extents_hot(&self, e0: u64, e1: u64) -> bool {
-        if self.whole_hot.load(Ordering::Acquire) {
-            return true;
-        }
-        (e0..=e1).all(|e| self.is_hot(e))
-    }
-
-    fn is_hot(&self, e: u64) -> bool {
-        self.hot
-            .get((e / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (e % 64)) != 0)
-    }
-
-    fn set_hot(&mut self, e: u64) {
-        let w = (e / 64) as usize;
-        if self.hot.len() <= w {
-            self.hot.resize_with(w + 1, || AtomicU64::new(0));
-        }
-        self.hot[w].fetch_or(1 << (e % 64), Ordering::AcqRel);
-    }
-
-    fn clear_hot(&self) {
-        self.whole_hot.store(false, Ordering::Release);
-        for w in &self.hot {
-            w.store(0, Ordering::Release);
-        }
-    }
-}
-
-impl Drop for FileTrack {
-    fn drop(&mut self) {
-        // Bits set here may still sit in the page cache; a checkpoint after this drop
-        // would not see this file, so make them durable now.
-        if let Err(e) = self.bits.get_mut().map.flush() {
-            tracing::error!("flushing bitmap of {}: {e}", self.id);
-        }
-    }
-}
-
-enum Mark {
-    Done,
-    LogFull,
-}
-
-impl FileTrack {
-    fn try_mark(&self, t: &Tracker, off: u64, len: u64) -> Result<Mark> {
-        let (bs, ext) = (t.cfg.block_size, t.cfg.al_extent);
-        let end = off.saturating_add(len) - 1;
-        let (first, last) = (off / bs, end / bs);
-        let (e0, e1) = (off / ext, end / ext);
-        {
-            let bits = self.bits.read();
-            if bits.map.capacity() > last && bits.extents_hot(e0, e1) {
-                bits.map.set(first, last);
-                return Ok(Mark::Done);
-            }
-        }
-        let mut bits = self.bits.write();
-        bits.map.grow(last + 1)?;
-        if !bits.extents_hot(e0, e1) {
-            let cold: Vec<u64> = if e1 - e0 >= WHOLE_FILE_AFTER {
-                vec![WHOLE_FILE]
-            } else {
-                (e0..=e1).filter(|&e| !bits.is_hot(e)).collect()
-            };
-            if t.al.activate(self.id.0, &cold)?.is_err() {
-                return Ok(Mark::LogFull);
-            }
-            for e in cold {
-                if e == WHOLE_FILE {
-                    bits.whole_hot.store(true, Ordering::Release);
-                } else {
-                    bits.set_hot(e);
-                }
-            }
-        }
-        bits.map.set(first, last);
-        Ok(Mark::Done)
-    }
-
-    /// Dirty block runs `[first, end)`.
-    pub fn ranges(&self) -> Vec<(u64, u64)> {
-        self.bits.read().map.ranges()
-    }
-}
-
 struct Inner {
     table: Table,
     log: ChangeLog,
+}
+
+/// A cut that has not reached a file yet: the file flips when it is next loaded.
+#[derive(Clone, Copy)]
+struct Pending {
+    epoch: u64,
+    all: bool,
+}
+
+#[derive(Default)]
+struct Open {
+    map: HashMap<FileId, Weak<FileTrack>>,
+    pending: HashMap<FileId, Pending>,
 }
 
 pub struct Tracker {
@@ -193,16 +112,28 @@ pub struct Tracker {
     cfg: Config,
     al: ActivityLog,
     gate: RwLock<()>,
+    ns: RwLock<()>,
     inner: Mutex<Inner>,
-    open: Mutex<HashMap<FileId, Weak<FileTrack>>>,
+    open: Mutex<Open>,
+    epoch: AtomicU64,
 }
 
-/// Held while an operation changes the store; a checkpoint or cut waits for it.
+/// Held while an operation changes file data; a checkpoint or cut waits for it.
 pub type Guard<'a> = RwLockReadGuard<'a, ()>;
 
+/// Held while an operation changes the namespace or metadata.
+pub struct NsGuard<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    _ns: RwLockReadGuard<'a, ()>,
+}
+
+/// How to reach a store file for its tracking: a read-only descriptor and its size.
+pub type Opener<'a> = &'a dyn Fn() -> std::io::Result<File>;
+
 impl Tracker {
-    /// Opens tracking for a store at mount time: replays the activity log after a host
-    /// crash, reconciles the table with the store, and logs what it found.
+    /// Opens tracking for a store at mount time: merges bits a crash left unshipped,
+    /// replays the activity log after a host crash, reconciles the table with the store,
+    /// and logs what it found.
     pub fn open(
         state: StateDir,
         cfg: Config,
@@ -218,9 +149,12 @@ impl Tracker {
             cfg,
             al,
             gate: RwLock::new(()),
+            ns: RwLock::new(()),
             inner: Mutex::new(Inner { table, log }),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
+            epoch: AtomicU64::new(0),
         };
+        t.merge_frozen()?;
         if let LastStop::Crashed {
             same_boot: false, ..
         } = last
@@ -228,6 +162,11 @@ impl Tracker {
             t.replay_activity(&found)?;
         }
         t.al.reset()?;
+        let cow_dir = t.state.path("cow");
+        if cow_dir.exists() {
+            std::fs::remove_dir_all(&cow_dir).at(&cow_dir)?;
+        }
+        std::fs::create_dir_all(&cow_dir).at(&cow_dir)?;
         t.record(Op::Mount {
             mountpoint: mountpoint.display().to_string(),
             last_stop: describe(last),
@@ -243,13 +182,54 @@ impl Tracker {
         Ok(t)
     }
 
+    fn map_paths(&self, id: FileId) -> [PathBuf; 2] {
+        [
+            self.state.path(&format!("bitmaps/{id}.bm")),
+            self.state.path(&format!("bitmaps/{id}.2.bm")),
+        ]
+    }
+
+    fn open_maps(&self, id: FileId) -> Result<[Bitmap; 2]> {
+        let [p0, p1] = self.map_paths(id);
+        let bs = self.cfg.block_size;
+        Ok([
+            Bitmap::open(&p0, bs, id.0, 1)?,
+            Bitmap::open(&p1, bs, id.0, 1)?,
+        ])
+    }
+
+    /// After any stop, what a cycle froze but may not have shipped is dirty again.
+    fn merge_frozen(&self) -> Result<()> {
+        let dir = self.state.path("bitmaps");
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(&dir).at(&dir)? {
+            let name = e.at(&dir)?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".2.bm").and_then(FileId::parse) {
+                ids.push(id);
+            }
+        }
+        for id in ids {
+            let [mut a, mut b] = self.open_maps(id)?;
+            if b.any() {
+                a.grow(b.capacity())?;
+                a.or_from(&b);
+                b.clear();
+            }
+            a.set_stamp(0);
+            b.set_stamp(0);
+            a.flush()?;
+            b.flush()?;
+        }
+        Ok(())
+    }
+
     /// After a host crash: every extent hot in the activity log becomes dirty.
     fn replay_activity(&self, found: &[(u64, u64)]) -> Result<()> {
         let (bs, ext) = (self.cfg.block_size, self.cfg.al_extent);
         for &(id, e) in found {
-            let p = self.bitmap_path(FileId(id));
             let size = self.current_size(FileId(id));
-            let mut bm = Bitmap::open(&p, bs, id, 1)?;
+            let [mut bm, _] = self.open_maps(FileId(id))?;
             let (first, last) = if e == WHOLE_FILE {
                 (0, size.max(1).div_ceil(bs) - 1)
             } else {
@@ -263,12 +243,9 @@ impl Tracker {
     }
 
     fn current_size(&self, id: FileId) -> u64 {
-        let inner = self.inner.lock();
-        inner
-            .table
-            .get(id)
-            .and_then(|f| f.paths.first())
-            .and_then(|p| std::fs::metadata(p.under(self.state.store())).ok())
+        self.path_of(id)
+            .map(|p| p.under(self.state.store()))
+            .and_then(|p| std::fs::metadata(p).ok())
             .map_or(0, |m| m.len())
     }
 
@@ -276,24 +253,42 @@ impl Tracker {
         self.cfg.block_size
     }
 
-    fn bitmap_path(&self, id: FileId) -> PathBuf {
-        self.state.path(&format!("bitmaps/{id}.bm"))
+    pub fn state(&self) -> &StateDir {
+        &self.state
     }
 
-    /// Holds the gate for a namespace or metadata change.
-    pub fn begin(&self) -> Guard<'_> {
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Holds the gate and the namespace lock for a namespace or metadata change.
+    pub fn begin(&self) -> NsGuard<'_> {
+        let ns = self.ns.read();
+        NsGuard {
+            _gate: self.gate.read(),
+            _ns: ns,
+        }
+    }
+
+    /// Holds the gate for a data change of a file tracking does not follow.
+    pub fn begin_write_none(&self) -> Guard<'_> {
         self.gate.read()
     }
 
-    /// Marks bytes `[off, off+len)` of a file as changing; returns holding the gate.
+    /// Marks bytes `[off, off+len)` of a file as changing and saves what a running cycle
+    /// still needs of them; returns holding the gate.
     pub fn begin_write(&self, ft: &FileTrack, off: u64, len: u64) -> Result<Guard<'_>> {
         loop {
             let g = self.gate.read();
             if len == 0 {
                 return Ok(g);
             }
-            match ft.try_mark(self, off, len)? {
-                Mark::Done => return Ok(g),
+            match ft.try_mark(&self.al, self.cfg.block_size, self.cfg.al_extent, off, len)? {
+                Mark::Done => {
+                    let bs = self.cfg.block_size;
+                    ft.preserve(off / bs, (off + len - 1) / bs)?;
+                    return Ok(g);
+                }
                 Mark::LogFull => {
                     drop(g);
                     self.checkpoint()?;
@@ -307,37 +302,46 @@ impl Tracker {
         let _w = self.gate.write();
         let live = self.live();
         for ft in &live {
-            ft.bits.read().map.flush()?;
+            ft.flush()?;
         }
+        let dir = self.state.path("bitmaps");
+        crate::sys::fsync_dir(&dir).at(&dir)?;
         self.al.reset()?;
         for ft in &live {
-            ft.bits.read().clear_hot();
+            ft.clear_hot();
         }
         Ok(())
     }
 
     fn live(&self) -> Vec<Arc<FileTrack>> {
         let mut open = self.open.lock();
-        open.retain(|_, w| w.strong_count() > 0);
-        open.values().filter_map(Weak::upgrade).collect()
+        open.map.retain(|_, w| w.strong_count() > 0);
+        open.map.values().filter_map(Weak::upgrade).collect()
     }
 
-    fn track(&self, id: FileId) -> Result<Arc<FileTrack>> {
+    /// The live tracking of `id`, or a new one built from `fd` (applying a pending cut).
+    fn track(&self, id: FileId, fd: File) -> Result<Arc<FileTrack>> {
         let mut open = self.open.lock();
-        if let Some(ft) = open.get(&id).and_then(Weak::upgrade) {
+        if let Some(ft) = open.map.get(&id).and_then(Weak::upgrade) {
             return Ok(ft);
         }
-        let map = Bitmap::open(&self.bitmap_path(id), self.cfg.block_size, id.0, 1)?;
-        let ft = Arc::new(FileTrack {
-            id,
-            bits: RwLock::new(Bits {
-                map,
-                hot: Vec::new(),
-                whole_hot: AtomicBool::new(false),
-            }),
-        });
-        open.insert(id, Arc::downgrade(&ft));
+        let size = fd.metadata().at(self.state.store())?.len();
+        let ft = Arc::new(FileTrack::load(id, fd, size, self.open_maps(id)?));
+        if let Some(p) = open.pending.remove(&id) {
+            ft.flip(p.epoch, Arc::new(self.new_cow(id, p.epoch, size, p.all)))?;
+        }
+        open.map.insert(id, Arc::downgrade(&ft));
         Ok(ft)
+    }
+
+    fn new_cow(&self, id: FileId, epoch: u64, size: u64, all: bool) -> Cow {
+        Cow::new(
+            epoch,
+            size,
+            all,
+            self.cfg.block_size,
+            self.state.path(&format!("cow/{id}")),
+        )
     }
 
     /// The tracking of an existing regular file, found by its (inode, birth time) key. A
@@ -347,6 +351,7 @@ impl Tracker {
         ino: u64,
         btime: u64,
         path: impl FnOnce() -> RelPath,
+        open: Opener<'_>,
     ) -> Result<Arc<FileTrack>> {
         let known = self.inner.lock().table.by_key(ino, btime).map(|f| f.id);
         let id = match known {
@@ -363,36 +368,57 @@ impl Tracker {
                 id
             }
         };
-        self.track(id)
+        self.track(id, open().at(self.state.store())?)
     }
 
-    /// A regular file just created through the mount.
+    /// A regular file just created through the mount (or an existing one it turned out to be).
     pub fn created(
         &self,
         path: RelPath,
         ino: u64,
         btime: u64,
         mode: u32,
+        open: Opener<'_>,
     ) -> Result<Arc<FileTrack>> {
-        let id = FileId::new();
-        self.record(Op::Create {
-            id,
-            path,
-            ino,
-            btime,
-            mode,
-        })?;
-        self.track(id)
+        let known = self.inner.lock().table.by_key(ino, btime).map(|f| f.id);
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let id = FileId::new();
+                self.record(Op::Create {
+                    id,
+                    path,
+                    ino,
+                    btime,
+                    mode,
+                })?;
+                id
+            }
+        };
+        self.track(id, open().at(self.state.store())?)
+    }
+
+    /// The tracking of file `id`, opening it at its table path (for a cut).
+    fn track_path(&self, id: FileId, path: &RelPath, ino: u64) -> Result<Option<Arc<FileTrack>>> {
+        if let Some(ft) = self.open.lock().map.get(&id).and_then(Weak::upgrade) {
+            return Ok(Some(ft));
+        }
+        let abs = path.under(self.state.store());
+        let fd = match File::open(&abs) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(&abs),
+        };
+        if fd.metadata().at(&abs)?.ino() != ino {
+            return Ok(None);
+        }
+        self.track(id, fd).map(Some)
     }
 
     /// The first path of a tracked file (for log records).
-    pub fn path_of(&self, id: FileId) -> RelPath {
+    pub fn path_of(&self, id: FileId) -> Option<RelPath> {
         let inner = self.inner.lock();
-        inner
-            .table
-            .get(id)
-            .and_then(|f| f.paths.first().cloned())
-            .unwrap_or_default()
+        inner.table.get(id).and_then(|f| f.paths.first().cloned())
     }
 
     /// Id of the regular file at `path`, if tracked.
@@ -411,11 +437,12 @@ impl Tracker {
     }
 
     fn forget_bitmap(&self, id: FileId) {
-        self.open.lock().remove(&id);
-        let p = self.bitmap_path(id);
-        if let Err(e) = std::fs::remove_file(&p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", p.display());
+        self.open.lock().map.remove(&id);
+        for p in self.map_paths(id) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", p.display());
+                }
             }
         }
     }
@@ -424,6 +451,36 @@ impl Tracker {
         let inner = self.inner.lock();
         inner.log.sync()?;
         inner.table.save(&self.state.path(""))
+    }
+
+    /// Dirty bytes not yet shipped, per tracked file (for status): (id, path, bytes, resync).
+    pub fn pending(&self) -> Result<Vec<(FileId, RelPath, u64, bool)>> {
+        let entries: Vec<_> = {
+            let inner = self.inner.lock();
+            inner
+                .table
+                .entries()
+                .map(|f| {
+                    (
+                        f.id,
+                        f.paths.first().cloned().unwrap_or_default(),
+                        f.needs_resync,
+                    )
+                })
+                .collect()
+        };
+        let bs = self.cfg.block_size;
+        let mut out = Vec::new();
+        for (id, path, resync) in entries {
+            let live = self.open.lock().map.get(&id).and_then(Weak::upgrade);
+            let runs = match live {
+                Some(ft) => ft.ranges(),
+                None => bitmap_ranges(&self.state, bs, id)?,
+            };
+            let blocks: u64 = runs.iter().map(|(a, b)| b - a).sum();
+            out.push((id, path, blocks * bs, resync));
+        }
+        Ok(out)
     }
 
     /// Clean shutdown, once nothing can reach the store through the mount any more.
@@ -453,12 +510,18 @@ pub fn load_table(state: &StateDir) -> Result<Table> {
     Table::load(&state.path(""), &state.path("log"))
 }
 
+/// Dirty runs of file `id` not yet shipped: both of its bitmaps, read from disk.
 pub fn bitmap_ranges(state: &StateDir, block_size: u64, id: FileId) -> Result<Vec<(u64, u64)>> {
-    let p = state.path(&format!("bitmaps/{id}.bm"));
-    match bitmap::read_ranges(&p, block_size) {
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Ok(Vec::new())
+    let mut all = Vec::new();
+    for name in [format!("bitmaps/{id}.bm"), format!("bitmaps/{id}.2.bm")] {
+        let p = state.path(&name);
+        match bitmap::read_ranges(&p, block_size) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            r => all.extend(r?.into_iter().map(|(a, b)| [a, b])),
         }
-        r => r,
     }
+    Ok(crate::runs::union(all)
+        .into_iter()
+        .map(|r| (r[0], r[1]))
+        .collect())
 }

@@ -201,6 +201,12 @@ impl Table {
                     f.resync_why = Some(why.clone());
                 }
             }
+            Op::Resynced { id } => {
+                if let Some(f) = self.files.get_mut(id) {
+                    f.needs_resync = false;
+                    f.resync_why = None;
+                }
+            }
             Op::Vanished { id, .. } => {
                 self.remove(*id);
                 gone.push(*id);

@@ -1,0 +1,222 @@
+//! The replica store: a directory whose files, at their real paths, are always the latest
+//! recovery point (a failover boots from them directly), plus `.drfs/` with the history.
+//!
+//! Layout (format v1, in `REPLICA/.drfs/`): `state.toml` (role `replica`, `source`, `keep`),
+//! `latest` (the newest point's id), `points/<id>/` with `point.json` (summary),
+//! `manifest.json` (the tree at the cut) and, for every point but the latest, `undo/` (see
+//! `undo`), `incoming/` (the cycle being received), `journal.json` (an apply in progress)
+//! and `hold/` (files in transit during an apply).
+
+pub mod apply;
+pub mod incoming;
+pub mod receive;
+pub mod retention;
+pub mod tree;
+pub mod undo;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{At, Error, Result};
+use crate::state::{Config, Role, StateDir};
+use crate::sys;
+use crate::wire::{Consistency, Manifest, PointRef};
+use retention::Policy;
+use tree::Tree;
+
+pub const POINT_VERSION: u32 = 1;
+
+/// A point's summary (`points/<id>/point.json`), as `drfs points --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointInfo {
+    pub id: String,
+    pub time: String,
+    pub consistency: Consistency,
+    pub generation: u64,
+    pub files: usize,
+    pub bytes_changed: u64,
+    pub time_ns: i64,
+    pub cut_id: String,
+}
+
+impl PointInfo {
+    pub fn to_ref(&self) -> PointRef {
+        PointRef {
+            id: self.id.clone(),
+            generation: self.generation,
+            cut_id: self.cut_id.clone(),
+        }
+    }
+}
+
+pub fn point_id(generation: u64) -> String {
+    format!("{generation:08}")
+}
+
+pub struct Replica {
+    pub root: PathBuf,
+    pub sd: StateDir,
+    pub cfg: Config,
+    pub tree: Tree,
+}
+
+impl Replica {
+    /// Opens an existing replica and finishes an apply a crash interrupted.
+    pub fn open(root: &Path) -> Result<Replica> {
+        let r = Replica::open_only(root)?;
+        apply::recover(&r)?;
+        Ok(r)
+    }
+
+    /// Opens without recovering (for readers that must not write).
+    pub fn open_only(root: &Path) -> Result<Replica> {
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::Invalid(format!("replica {}: {e}", root.display())))?;
+        let sd = StateDir::new(&root);
+        if !sd.exists() {
+            return Err(Error::Invalid(format!(
+                "{} is not a drfs replica (no .drfs/state.toml); `drfs protect STORE --to {}` makes one",
+                root.display(),
+                root.display()
+            )));
+        }
+        let cfg = sd.config()?;
+        if cfg.role != Role::Replica {
+            return Err(Error::Invalid(format!(
+                "{} is a primary store, not a replica",
+                root.display()
+            )));
+        }
+        let tree = Tree::open(&root).at(&root)?;
+        Ok(Replica {
+            root,
+            sd,
+            cfg,
+            tree,
+        })
+    }
+
+    /// Makes `root` (an existing directory) a replica of store `source`.
+    pub fn init(root: &Path, source: &str, block_size: u64, keep: &str) -> Result<Replica> {
+        let canon = root
+            .canonicalize()
+            .map_err(|e| Error::Invalid(format!("replica {}: {e}", root.display())))?;
+        if !canon.is_dir() {
+            return Err(Error::Invalid(format!(
+                "replica {} is not a directory",
+                canon.display()
+            )));
+        }
+        StateDir::init_replica(&canon, source, block_size, keep)?;
+        Replica::open(&canon)
+    }
+
+    pub fn is_replica(root: &Path) -> bool {
+        StateDir::new(root)
+            .config()
+            .is_ok_and(|c| c.role == Role::Replica)
+    }
+
+    pub fn point_dir(&self, id: &str) -> PathBuf {
+        self.sd.path(&format!("points/{id}"))
+    }
+
+    pub fn undo_dir(&self, id: &str) -> PathBuf {
+        self.point_dir(id).join("undo")
+    }
+
+    pub fn policy(&self) -> Result<Policy> {
+        let text = self.cfg.keep.as_deref().unwrap_or(retention::DEFAULT);
+        Policy::parse(text).map_err(|e| Error::corrupt(&self.sd.path("state.toml"), e))
+    }
+
+    /// Every complete point, oldest first.
+    pub fn points(&self) -> Result<Vec<PointInfo>> {
+        let dir = self.sd.path("points");
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).at(&dir),
+        };
+        for e in rd {
+            let p = e.at(&dir)?.path().join("point.json");
+            match std::fs::read(&p) {
+                Ok(b) => out.push(
+                    serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))?,
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).at(&p),
+            }
+        }
+        out.sort_by_key(|p: &PointInfo| p.generation);
+        Ok(out)
+    }
+
+    /// The newest point (the one the latest files are).
+    pub fn latest(&self) -> Result<Option<PointInfo>> {
+        let p = self.sd.path("latest");
+        let id = match std::fs::read_to_string(&p) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(&p),
+        };
+        let info = self.point_dir(&id).join("point.json");
+        let b = std::fs::read(&info).at(&info)?;
+        serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::corrupt(&info, e.to_string()))
+    }
+
+    pub fn manifest(&self, id: &str) -> Result<Manifest> {
+        let p = self.point_dir(id).join("manifest.json");
+        let b = std::fs::read(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::Invalid(format!("no point {id} on {}", self.root.display()))
+            }
+            _ => Error::Io {
+                path: p.clone(),
+                source: e,
+            },
+        })?;
+        serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))
+    }
+
+    pub(crate) fn set_latest(&self, id: &str) -> Result<()> {
+        let p = self.sd.path("latest");
+        sys::write_atomic(&p, id.as_bytes()).at(&p)
+    }
+
+    /// Applies the retention policy: drops points it does not keep. The oldest point goes
+    /// with its undo record; an intermediate one has its record merged into the previous
+    /// point's. The latest files are never touched. Returns the dropped ids.
+    pub fn prune(&self, now_ns: i64) -> Result<Vec<String>> {
+        let points = self.points()?;
+        let times: Vec<i64> = points.iter().map(|p| p.time_ns).collect();
+        let keep = self.policy()?.keep(&times, now_ns);
+        let mut dropped = Vec::new();
+        let mut older: Option<&PointInfo> = None;
+        for (i, p) in points.iter().enumerate() {
+            if keep.contains(&i) {
+                older = Some(p);
+                continue;
+            }
+            if let Some(o) = older {
+                undo::merge(
+                    &self.undo_dir(&o.id),
+                    &self.undo_dir(&p.id),
+                    self.cfg.block_size,
+                )?;
+            }
+            let dir = self.point_dir(&p.id);
+            // Unpublish first: a point without point.json is not a point.
+            let info = dir.join("point.json");
+            std::fs::remove_file(&info).at(&info)?;
+            std::fs::remove_dir_all(&dir).at(&dir)?;
+            dropped.push(p.id.clone());
+        }
+        Ok(dropped)
+    }
+}
