@@ -49,6 +49,61 @@ enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
+    /// Replicate STORE to REPLICA (a local directory): records the settings and binds the
+    /// replica; the mounted daemon then runs a cycle every interval.
+    Protect {
+        store: PathBuf,
+        /// The replica directory (it must exist; an empty one, or this store's replica).
+        #[arg(long)]
+        to: PathBuf,
+        /// Time between cycles (1s and up; e.g. 30s, 5m, 15m), or `manual` for cycles
+        /// only when `drfs ship` runs (from cron).
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Retention policy, e.g. all:1h,hourly:24h,daily:7d (see README).
+        #[arg(long, default_value = crate::replica::retention::DEFAULT)]
+        keep: String,
+        /// Consistency groups: the whole store, or each top-level folder (one per VM).
+        #[arg(long, default_value = "store")]
+        group: String,
+    },
+    /// Run one replication cycle now. Exit 0: shipped; 1: failed, will work on retry;
+    /// 2: failed and needs an operator.
+    Ship {
+        store: PathBuf,
+        /// Compare every block by hash and continue from the replica's latest point
+        /// (after the replica diverged).
+        #[arg(long)]
+        resync: bool,
+    },
+    /// Serve the receiving end of the replication stream on stdin/stdout.
+    Receive { replica: PathBuf },
+    /// List REPLICA's recovery points, newest first.
+    Points {
+        replica: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a point's files (or one PATH of it) to DEST, sparse-aware.
+    Restore {
+        replica: PathBuf,
+        #[arg(long)]
+        point: String,
+        /// One file or folder of the point, relative to the store root.
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite what is at DEST.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Health and state of a store or a replica.
+    Status {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what is tracked for STORE (or one PATH in it) since tracking began.
     Changes {
         store: PathBuf,
@@ -85,7 +140,7 @@ fn check_block_size(bs: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Mount {
             store,
@@ -120,8 +175,26 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", crate::changes::render(&c));
             }
         }
+        Cmd::Protect {
+            store,
+            to,
+            interval,
+            keep,
+            group,
+        } => crate::commands::protect(&store, &to, &interval, &keep, &group)?,
+        Cmd::Ship { store, resync } => return crate::commands::ship(&store, resync),
+        Cmd::Receive { replica } => return Ok(crate::commands::receive(&replica)),
+        Cmd::Points { replica, json } => crate::commands::points(&replica, json)?,
+        Cmd::Status { path, json } => crate::commands::status(&path, json)?,
+        Cmd::Restore {
+            replica,
+            point,
+            path,
+            to,
+            force,
+        } => crate::commands::restore(&replica, &point, path.as_deref(), &to, force)?,
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -144,7 +217,7 @@ pub fn main() -> i32 {
         }
     };
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("drfs: {e:#}");
             1

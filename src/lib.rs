@@ -4,17 +4,21 @@
 
 pub mod changes;
 pub mod cli;
+pub mod commands;
 pub mod control;
 pub mod cycle;
 pub mod error;
+pub mod fault;
 pub mod mount;
 pub mod relpath;
 pub mod replica;
+pub mod restore;
 pub mod runs;
 pub mod state;
 pub mod status;
 pub mod sys;
 pub mod track;
+pub mod view;
 pub mod wire;
 
 #[global_allocator]

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::changes::human;
 use crate::cycle::schedule::parse_interval;
@@ -26,7 +26,7 @@ use crate::state::StateDir;
 use crate::sys;
 use crate::track::{self, FileId, Tracker};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Normal,
@@ -34,7 +34,7 @@ pub enum Health {
     Critical,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FileStatus {
     pub path: String,
     pub id: FileId,
@@ -43,10 +43,10 @@ pub struct FileStatus {
     pub needs_resync: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StoreStatus {
     pub path: String,
-    pub role: &'static str,
+    pub role: String,
     pub mounted: bool,
     pub protected: bool,
     pub replica: Option<String>,
@@ -170,7 +170,7 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         .collect();
     Ok(StoreStatus {
         path: sd.store().display().to_string(),
-        role: "primary",
+        role: "primary".into(),
         mounted,
         protected: rep.is_some(),
         replica: rep.as_ref().map(|r| r.target.clone()),

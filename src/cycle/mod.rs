@@ -291,6 +291,12 @@ fn handshake(
     st.save(tracker.state())?;
     let cut = tracker.cut(rep.group == "dir")?;
     let pause_us = cut.pause.as_micros() as u64;
+    // A replica without a point yet gets an initial replication: every file is compared
+    // by hash, so nothing is assumed about it (and a copy placed there seeds it).
+    let opts = CycleOpts {
+        resync: opts.resync || theirs.is_none(),
+        ..opts
+    };
     let r = send_cut(tracker, conn, &cut, generation, theirs, &cut_id, opts);
     tracker.end_cycle(&cut, r.is_ok())?;
     let (point, stats) = r?;
@@ -429,4 +435,68 @@ pub fn bind(store_id: &str, block_size: u64, target: &Path, keep: &str) -> Resul
         }
     }
     r
+}
+
+/// `drfs protect`: records where and how a store replicates, binding the replica to it.
+pub fn protect(
+    store: &Path,
+    to: &Path,
+    interval: &str,
+    keep: &str,
+    group: &str,
+) -> Result<Replication> {
+    schedule::check_interval(interval).map_err(Error::Invalid)?;
+    crate::replica::retention::Policy::parse(keep).map_err(Error::Invalid)?;
+    if group != "store" && group != "dir" {
+        return Err(Error::Invalid(format!(
+            "--group must be store or dir, not {group:?}"
+        )));
+    }
+    let store = store
+        .canonicalize()
+        .map_err(|e| Error::Invalid(format!("store {}: {e}", store.display())))?;
+    if !store.is_dir() {
+        return Err(Error::Invalid(format!(
+            "store {} is not a directory",
+            store.display()
+        )));
+    }
+    let replica = to
+        .canonicalize()
+        .map_err(|e| Error::Invalid(format!("replica {}: {e}", to.display())))?;
+    if !replica.is_dir() {
+        return Err(Error::Invalid(format!(
+            "replica {} is not a directory",
+            replica.display()
+        )));
+    }
+    if replica.starts_with(&store) || store.starts_with(&replica) {
+        return Err(Error::Invalid(format!(
+            "store {} and replica {} must not contain each other",
+            store.display(),
+            replica.display()
+        )));
+    }
+    let (sd, mut cfg) = StateDir::open_or_init(&store, None)?;
+    let replica_id = bind(&cfg.store_id, cfg.block_size, &replica, keep)?;
+    let rep = Replication {
+        target: replica.display().to_string(),
+        interval: interval.to_string(),
+        keep: keep.to_string(),
+        group: group.to_string(),
+        replica_id: replica_id.clone(),
+    };
+    if cfg
+        .replication
+        .as_ref()
+        .is_none_or(|r| r.replica_id != replica_id)
+    {
+        let p = sd.path("cycle.json");
+        if p.exists() {
+            std::fs::remove_file(&p).at(&p)?;
+        }
+    }
+    cfg.replication = Some(rep.clone());
+    sd.write_config(&cfg)?;
+    Ok(rep)
 }

@@ -15,6 +15,16 @@ use crate::cycle::{self, CycleOpts, CycleState, Outcome};
 use crate::track::Tracker;
 
 const BACKOFF_MIN: [u64; 6] = [1, 2, 4, 8, 10, 30];
+/// The interval that means "only when `drfs ship` runs".
+pub const MANUAL: &str = "manual";
+
+pub fn check_interval(s: &str) -> Result<(), String> {
+    if s == MANUAL {
+        Ok(())
+    } else {
+        parse_interval(s).map(drop)
+    }
+}
 
 /// The wait before retry number `failures` (1 = the first retry).
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
@@ -23,7 +33,12 @@ pub fn backoff(failures: u32, interval: Duration) -> Duration {
     Duration::from_secs_f64(step as f64 * 60.0 * scale).max(Duration::from_secs(1))
 }
 
+/// An interval: a duration of 1 s or more, or `manual` (only `drfs ship`, e.g. from cron),
+/// which has no duration.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    if s == MANUAL {
+        return Err("manual replication has no interval".into());
+    }
     let d = humantime::parse_duration(s).map_err(|e| format!("bad interval {s:?}: {e}"))?;
     if d < Duration::from_secs(1) {
         return Err(format!("interval {s:?} is shorter than 1 s"));

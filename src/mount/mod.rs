@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::control;
+use crate::cycle::schedule::Scheduler;
 use crate::error::{At, Error, Result};
 use crate::state::{self, StateDir};
 use crate::sys;
@@ -253,7 +255,8 @@ fn serve(opts: &MountOpts, store: &Path, mnt: &Path, ready: Option<File>) -> Res
 struct Running {
     session: fuser::Session<fs::DrFs>,
     tracker: Option<Arc<Tracker>>,
-    state: StateDir,
+    sched: Option<Arc<Scheduler>>,
+    socket: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     _lock: Option<File>,
 }
@@ -306,10 +309,28 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
         .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", mnt.display())))?;
     tune_readahead(mnt);
     watch_signals(signals, mnt.to_path_buf());
+    let (sched, socket) = match &tracker {
+        Some(t) => {
+            let sched = Scheduler::start(t.clone());
+            let path = control::socket_path(&t.config().store_id);
+            let (t2, sd2) = (t.clone(), sd.clone());
+            let status = Arc::new(move || {
+                crate::status::store(&sd2, Some(&t2), true)
+                    .map(|s| serde_json::to_value(s).unwrap_or_default())
+                    .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+            });
+            if let Err(e) = control::serve(path.clone(), sched.clone(), status) {
+                tracing::error!("control socket: {e}");
+            }
+            (Some(sched), Some(path))
+        }
+        None => (None, None),
+    };
     Ok(Running {
         session,
         tracker,
-        state: sd,
+        sched,
+        socket,
         stop,
         _lock: lock,
     })
@@ -322,11 +343,16 @@ impl Running {
         if let Err(e) = &r {
             tracing::warn!("session ended: {e}");
         }
+        if let Some(s) = &self.sched {
+            s.stop();
+        }
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
         if let Some(t) = &self.tracker {
             t.close()?;
             tracing::info!("unmounted cleanly");
         }
-        let _ = &self.state;
         Ok(())
     }
 }

@@ -145,9 +145,11 @@ pub fn commit(r: &Replica, inc: &mut Incoming, manifest: Manifest) -> Result<Poi
         },
         manifest,
     );
+    crate::fault::hit("apply:sealed");
     if let Some(id) = &plan.from {
         write_undo(r, inc, &plan, id)?;
     }
+    crate::fault::hit("apply:undo");
     let j = Journal {
         version: 1,
         generation: plan.new.generation,
@@ -236,10 +238,12 @@ fn roll_forward(r: &Replica, inc: &mut Incoming, plan: &Plan, mut j: Journal) ->
             Phase::Data => data(r, inc, plan)?,
             Phase::Meta | Phase::Publish => meta(r, plan)?,
         }
+        crate::fault::hit(&format!("apply:{phase:?}").to_lowercase());
         j.phase = next(phase);
         write_journal(r, &j)?;
     }
     let info = publish(r, inc, plan)?;
+    crate::fault::hit("apply:published");
     let jp = r.sd.path("journal.json");
     fs::remove_file(&jp).at(&jp)?;
     for d in [r.sd.path("incoming"), hold] {
@@ -441,6 +445,7 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
             }
         }
         f.set_len(*size).at(&p.under(&r.root))?;
+        crate::fault::hit("apply:data-file");
     }
     syncfs(&r.root)
 }

@@ -51,6 +51,7 @@ pub struct Incoming {
     bs: u64,
     blocks: HashMap<FileId, BTreeMap<u64, Staged>>,
     open: HashMap<FileId, (File, File)>,
+    received: u64,
 }
 
 fn encode(b: u64, s: &Staged) -> [u8; RECORD] {
@@ -106,6 +107,7 @@ impl Incoming {
             bs,
             blocks: HashMap::new(),
             open: HashMap::new(),
+            received: 0,
         };
         if resume {
             inc.load(false)?;
@@ -126,6 +128,7 @@ impl Incoming {
             bs,
             blocks: HashMap::new(),
             open: HashMap::new(),
+            received: 0,
         };
         inc.load(true)?;
         Ok(inc)
@@ -236,6 +239,8 @@ impl Incoming {
         let mut w: &File = idx;
         w.write_all(&encode(block, &s)).at(&idx_path)?;
         self.blocks.entry(b.id).or_default().insert(block, s);
+        self.received += 1;
+        crate::fault::hit_nth("receive", self.received);
         Ok(())
     }
 

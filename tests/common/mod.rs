@@ -235,3 +235,4 @@ pub fn sh(script: &str) -> Output {
 pub fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
+pub mod rep;

@@ -1,0 +1,231 @@
+//! The CLI's replication commands: `protect`, `ship`, `receive`, `points`, `status`. They
+//! reach a mounted store's daemon over its control socket and work on the store directly
+//! when it is not mounted.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::control::{self, Request, ShipReply};
+use crate::cycle::{self, CycleOpts};
+use crate::replica::Replica;
+use crate::state::StateDir;
+use crate::status;
+use crate::track::Tracker;
+
+fn store_dir(store: &Path) -> Result<(StateDir, crate::state::Config)> {
+    let canon = store
+        .canonicalize()
+        .with_context(|| format!("store {}", store.display()))?;
+    Ok(StateDir::open(&canon)?)
+}
+
+pub fn protect(store: &Path, to: &Path, interval: &str, keep: &str, group: &str) -> Result<()> {
+    let rep = cycle::protect(store, to, interval, keep, group)?;
+    let (_, cfg) = store_dir(store)?;
+    let running = control::call(&cfg.store_id, &Request::Poke)?.is_some();
+    println!(
+        "{} replicates to {} every {} (keep {}, group {}){}",
+        store.display(),
+        rep.target,
+        rep.interval,
+        rep.keep,
+        rep.group,
+        if running {
+            "; the mounted daemon starts now"
+        } else {
+            "; cycles run while it is mounted, or with `drfs ship`"
+        }
+    );
+    Ok(())
+}
+
+fn report(r: &ShipReply) -> i32 {
+    if r.code == 0 {
+        println!(
+            "{}: {} sent in {} ms, cut pause {} us",
+            r.message,
+            crate::changes::human(r.bytes),
+            r.duration_ms,
+            r.pause_us
+        );
+    } else {
+        let kind = if r.code == 1 {
+            "will retry"
+        } else {
+            "needs an operator"
+        };
+        eprintln!("drfs: cycle failed ({kind}): {}", r.message);
+    }
+    r.code
+}
+
+/// `drfs ship`: one cycle, through the daemon if the store is mounted.
+pub fn ship(store: &Path, resync: bool) -> Result<i32> {
+    let (sd, cfg) = store_dir(store)?;
+    if cfg.replication.is_none() {
+        eprintln!(
+            "drfs: {} is not protected: run `drfs protect {} --to REPLICA` first",
+            sd.store().display(),
+            sd.store().display()
+        );
+        return Ok(2);
+    }
+    let req = Request::Ship {
+        resync,
+        consistency: None,
+    };
+    if let Some(v) = control::call(&cfg.store_id, &req)? {
+        let r: ShipReply = serde_json::from_value(v).context("the daemon's answer")?;
+        return Ok(report(&r));
+    }
+    // Not mounted: ship directly, one `drfs ship` at a time.
+    let lock_path = sd.path("ship.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| lock_path.display().to_string())?;
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("cannot lock {}", lock_path.display());
+    }
+    let _store_lock = match sd.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("drfs: {e}");
+            return Ok(1);
+        }
+    };
+    let last = sd.begin_run(Path::new("(drfs ship)"))?;
+    let tracker = Tracker::open(sd.clone(), cfg, Path::new("(drfs ship)"), last)?;
+    let o = cycle::run(
+        &tracker,
+        CycleOpts {
+            resync,
+            progress: true,
+            consistency: None,
+        },
+    );
+    tracker.close()?;
+    Ok(report(&ShipReply::from(&o)))
+}
+
+/// `drfs receive`: serves one stream; the exit code says whether the sender may retry.
+pub fn receive(replica: &Path) -> i32 {
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    match crate::replica::receive::serve(replica, stdin, stdout) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("drfs receive: {}", e.message);
+            if e.recoverable { 1 } else { 2 }
+        }
+    }
+}
+
+pub fn points(replica: &Path, json: bool) -> Result<()> {
+    let r = Replica::open_only(replica)?;
+    let mut points = r.points()?;
+    points.reverse();
+    if json {
+        let v: Vec<serde_json::Value> = points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "time": p.time, "consistency": p.consistency,
+                    "generation": p.generation, "files": p.files, "bytes_changed": p.bytes_changed,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<26} {:<12} {:>6} {:>12}",
+        "ID", "TIME (UTC)", "CONSISTENCY", "FILES", "CHANGED"
+    );
+    for p in &points {
+        println!(
+            "{:<10} {:<26} {:<12} {:>6} {:>12}",
+            p.id,
+            p.time,
+            format!("{:?}", p.consistency).to_lowercase(),
+            p.files,
+            crate::changes::human(p.bytes_changed)
+        );
+    }
+    Ok(())
+}
+
+pub fn status(path: &Path, json: bool) -> Result<()> {
+    let canon = path
+        .canonicalize()
+        .with_context(|| format!("{}", path.display()))?;
+    if Replica::is_replica(&canon) {
+        let s = status::replica(&Replica::open_only(&canon)?)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", status::render_replica(&s));
+        }
+        return Ok(());
+    }
+    let (sd, cfg) = StateDir::open(&canon)?;
+    let v = match control::call(&cfg.store_id, &Request::Status)? {
+        Some(v) => v,
+        None => serde_json::to_value(status::store(&sd, None, false)?)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let s: serde_json::Value = v;
+        print!("{}", render_value(&s));
+    }
+    Ok(())
+}
+
+/// Renders a status that may have come from the daemon as JSON.
+fn render_value(v: &serde_json::Value) -> String {
+    match serde_json::from_value::<status::StoreStatus>(v.clone()) {
+        Ok(s) => status::render_store(&s),
+        Err(_) => format!("{v:#}\n"),
+    }
+}
+
+pub fn restore(
+    replica: &Path,
+    point: &str,
+    path: Option<&str>,
+    to: &Path,
+    force: bool,
+) -> Result<()> {
+    let r = Replica::open_only(replica)?;
+    let rel = match path {
+        Some(p) => Some(
+            crate::relpath::RelPath::parse(p.trim_matches('/'))
+                .filter(|r| !r.is_root())
+                .with_context(|| format!("bad --path {p:?}"))?,
+        ),
+        None => None,
+    };
+    let done = crate::restore::restore(
+        &r,
+        &crate::restore::RestoreOpts {
+            point,
+            path: rel.as_ref(),
+            to,
+            force,
+            progress: true,
+        },
+    )?;
+    println!(
+        "restored point {point}: {} files, {} of data to {}",
+        done.files,
+        crate::changes::human(done.bytes),
+        to.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Replication end to end: a protected, mounted store written by real clients (qemu-io,
+//! fio, dd, and plain file operations: renames, deletes, truncates, chmod, new files), a
+//! cycle after each round. After every cycle the replica's latest files equal the primary;
+//! at the end every retained point, rebuilt from the latest files and undo records, is
+//! byte-identical to a copy of the primary taken at its cut.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::rep::*;
+use common::*;
+
+fn qemu_io(args: &[&str], img: &std::path::Path) {
+    ok(Command::new(need("qemu-io")).args(args).arg(img));
+}
+
+#[test]
+fn cycles_keep_the_replica_latest_and_every_point_exact() {
+    let r = Rep::new("e2e", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    // Round 1: a VM store with a raw and a qcow2 disk, written with O_DIRECT.
+    fs::create_dir(f.m("vm1")).unwrap();
+    ok(Command::new(need("qemu-img"))
+        .args(["create", "-q", "-f", "raw"])
+        .arg(f.m("vm1/disk0.raw"))
+        .arg("128M"));
+    ok(Command::new(need("qemu-img"))
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(f.m("vm1/disk1.qcow2"))
+        .arg("1G"));
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            "-c",
+            "write -P 0xab 0 8M",
+            "-c",
+            "write -P 0xcd 64M 64k",
+        ],
+        &f.m("vm1/disk0.raw"),
+    );
+    qemu_io(
+        &[
+            "-f",
+            "qcow2",
+            "-t",
+            "none",
+            "-c",
+            "write -P 0x11 0 4M",
+            "-c",
+            "write -P 0x22 512M 1M",
+        ],
+        &f.m("vm1/disk1.qcow2"),
+    );
+    fs::write(f.m("vm1/vm.xml"), b"<domain/>").unwrap();
+    std::os::unix::fs::symlink("disk0.raw", f.m("vm1/current")).unwrap();
+    let p1 = r.ship();
+    r.check_latest();
+
+    // Round 2: overwrite, fio random writes, rename, delete, truncate, chmod, a new disk.
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            "-c",
+            "write -P 0xef 4M 8M",
+            "-c",
+            "write -z 100M 1M",
+        ],
+        &f.m("vm1/disk0.raw"),
+    );
+    ok(Command::new(need("fio"))
+        .arg(format!("--directory={}", f.mnt.display()))
+        .args([
+            "--name=w",
+            "--filename=vm1/fio.img",
+            "--size=32M",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+        ])
+        .args([
+            "--ioengine=libaio",
+            "--iodepth=8",
+            "--io_size=8M",
+            "--randrepeat=1",
+            "--output-format=terse",
+        ]));
+    fs::rename(f.m("vm1/vm.xml"), f.m("vm1/vm-renamed.xml")).unwrap();
+    fs::set_permissions(f.m("vm1/vm-renamed.xml"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(f.m("vm2")).unwrap();
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64k count=40 status=none",
+        f.m("vm2/new.raw").display()
+    ));
+    let p2 = r.ship();
+    r.check_latest();
+
+    // Round 3: delete a disk, truncate another down, grow a third, a deep folder.
+    fs::remove_file(f.m("vm1/disk1.qcow2")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f.m("vm1/disk0.raw"))
+        .unwrap()
+        .set_len(70 << 20)
+        .unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f.m("vm2/new.raw"))
+        .unwrap()
+        .set_len(10 << 20)
+        .unwrap();
+    fs::create_dir_all(f.m("vm2/a/b/c")).unwrap();
+    fs::write(f.m("vm2/a/b/c/deep.txt"), b"deep").unwrap();
+    fs::remove_file(f.m("vm1/current")).unwrap();
+    std::os::unix::fs::symlink("fio.img", f.m("vm1/current")).unwrap();
+    let p3 = r.ship();
+    r.check_latest();
+
+    // Round 4: nothing changed: an empty cycle is still a point.
+    let p4 = r.ship();
+    r.check_latest();
+
+    let ids: Vec<String> = r
+        .points()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    for p in [&p1, &p2, &p3, &p4] {
+        assert!(ids.contains(p), "point {p} missing from {ids:?}");
+        r.check_point(p);
+    }
+    // The JSON contract of `drfs points`.
+    let newest = &r.points()[0];
+    for k in [
+        "id",
+        "time",
+        "consistency",
+        "generation",
+        "files",
+        "bytes_changed",
+    ] {
+        assert!(newest.get(k).is_some(), "points --json lacks {k}: {newest}");
+    }
+    assert_eq!(newest["consistency"], "crash");
+    assert!(newest["time"].as_str().unwrap().ends_with('Z'));
+    // `drfs status` on both sides.
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("status").arg(&f.store).arg("--json")).stdout)
+            .unwrap();
+    assert_eq!(st["health"], "normal", "{st:#}");
+    assert_eq!(st["last_point"], p4);
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("status").arg(&r.replica).arg("--json")).stdout)
+            .unwrap();
+    assert_eq!(st["points"], 4);
+    f.unmount();
+}
+
+#[test]
+fn retention_drops_oldest_and_merges_intermediate_points() {
+    let r = Rep::new("keep", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    let w = |name: &str, off: u64, byte: u8| {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(f.m(name))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![byte; 200_000], off).unwrap();
+    };
+    w("a.img", 0, 1);
+    w("b.img", 0, 9);
+    let p1 = r.ship();
+    w("a.img", 100_000, 2);
+    fs::remove_file(f.m("b.img")).unwrap();
+    let p2 = r.ship();
+    w("a.img", 50_000, 3);
+    w("c.img", 0, 7);
+    let p3 = r.ship();
+    // Age the points: p1 alone in an older hour; p2 and p3 in one hour (so p2, older
+    // there, goes: an intermediate point, merged into p1).
+    let hour = 3_600_000_000_000i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let base = now - now.rem_euclid(hour);
+    for (id, t) in [
+        (&p1, base - 5 * hour + 600_000_000_000),
+        (&p2, base - 3 * hour + 600_000_000_000),
+        (&p3, base - 3 * hour + 1_200_000_000_000),
+    ] {
+        let p = r.replica.join(format!(".drfs/points/{id}/point.json"));
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        v["time_ns"] = serde_json::json!(t);
+        fs::write(&p, v.to_string()).unwrap();
+    }
+    let latest_before = fs::read(r.replica.join("a.img")).unwrap();
+    w("a.img", 0, 4);
+    let p4 = r.ship();
+    let ids: Vec<String> = r
+        .points()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![p4.clone(), p3.clone(), p1.clone()],
+        "p2 should be pruned"
+    );
+    r.check_point(&p1);
+    r.check_point(&p3);
+    r.check_point(&p4);
+    r.check_latest();
+    assert_ne!(latest_before, fs::read(r.replica.join("a.img")).unwrap());
+    // The oldest goes with its undo record and nothing else: age p1 beyond a day.
+    let p = r.replica.join(format!(".drfs/points/{p1}/point.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    v["time_ns"] = serde_json::json!(now - 30 * hour);
+    fs::write(&p, v.to_string()).unwrap();
+    let p5 = r.ship();
+    let ids: Vec<String> = r
+        .points()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec![p5.clone(), p4.clone(), p3.clone()]);
+    assert!(!r.replica.join(format!(".drfs/points/{p1}")).exists());
+    r.check_point(&p3);
+    r.check_point(&p4);
+    f.unmount();
+}
