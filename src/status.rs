@@ -6,8 +6,8 @@
 //!   replica of another store, permission denied, corrupt state), or the newest point is
 //!   older than max(1 hour, 12 × interval).
 //! - **Warning**: the last cycle failed; more than 20 % of the last hour's cycles failed;
-//!   the newest point is older than 3 × interval; initial replication or a resync is
-//!   pending for some file.
+//!   the newest point is older than 3 × interval; no point yet; initial replication or a
+//!   resync is pending for some file. (With `--interval manual` there is no lag rule.)
 //! - **Normal**: otherwise (and a store that is not protected).
 //!
 //! Replica health: Warning while it has no point yet or an apply was interrupted (it
@@ -106,24 +106,29 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         health = health.max(h);
         reasons.push(why);
     };
-    if let (Some(_), Some(iv)) = (&rep, interval) {
+    if rep.is_some() {
         if let Some(c) = &st.critical {
             raise(Health::Critical, format!("replication stopped: {c}"));
         }
-        let crit_lag = Duration::from_secs(3600).max(iv * 12).as_secs_f64();
-        let warn_lag = (iv * 3).as_secs_f64();
-        match lag {
-            Some(l) if l > crit_lag => {
-                raise(Health::Critical, format!("newest point is {l:.0} s old"))
+        // The lag rules need an interval: a manual (cron) schedule has none.
+        if let Some(iv) = interval {
+            let crit_lag = Duration::from_secs(3600).max(iv * 12).as_secs_f64();
+            let warn_lag = (iv * 3).as_secs_f64();
+            match lag {
+                Some(l) if l > crit_lag => {
+                    raise(Health::Critical, format!("newest point is {l:.0} s old"))
+                }
+                Some(l) if l > warn_lag => {
+                    raise(Health::Warning, format!("newest point is {l:.0} s old"))
+                }
+                _ => {}
             }
-            Some(l) if l > warn_lag => {
-                raise(Health::Warning, format!("newest point is {l:.0} s old"))
-            }
-            None => raise(
+        }
+        if lag.is_none() {
+            raise(
                 Health::Warning,
                 "no recovery point yet (initial replication)".into(),
-            ),
-            _ => {}
+            );
         }
         if st.last.as_ref().is_some_and(|l| !l.ok) && st.critical.is_none() {
             raise(

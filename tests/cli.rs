@@ -228,3 +228,99 @@ fn the_mount_helper_translates_fstab_options() {
         "umount must stop drfs cleanly"
     );
 }
+
+#[test]
+fn replication_commands_reject_bad_input() {
+    let f = Fixture::new("badrep");
+    let (s, rep) = (f.store.as_os_str(), f.root.join("replica"));
+    fs::create_dir(&rep).unwrap();
+    let protect = |extra: &[&str]| {
+        let mut c = drfs();
+        c.arg("protect").arg(&f.store).args(extra);
+        c.output().unwrap()
+    };
+    let r = rep.to_str().unwrap();
+    fails(
+        protect(&["--to", "/nonexistent/replica"]),
+        "/nonexistent/replica",
+    );
+    fails(protect(&["--to", r, "--interval", "0"]), "interval");
+    fails(protect(&["--to", r, "--interval", "fast"]), "interval");
+    fails(protect(&["--to", r, "--keep", "hourly"]), "retention rule");
+    fails(protect(&["--to", r, "--keep", "yearly:3d"]), "yearly");
+    fails(protect(&["--to", r, "--group", "vm"]), "--group");
+    fails(
+        protect(&["--to", f.store.join("sub").to_str().unwrap()]),
+        "sub",
+    );
+    fs::create_dir(f.s("inner")).unwrap();
+    fails(
+        protect(&["--to", f.s("inner").to_str().unwrap()]),
+        "must not contain",
+    );
+    assert!(
+        fs::read_dir(&rep).unwrap().next().is_none(),
+        "a refused protect touched the replica"
+    );
+    fails(run(&[os("ship"), s]), "not a drfs store");
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&rep)
+        .args(["--interval", "manual"]));
+    // A second store may not take the first one's replica.
+    let other = f.root.join("other");
+    fs::create_dir(&other).unwrap();
+    let out = drfs()
+        .arg("protect")
+        .arg(&other)
+        .arg("--to")
+        .arg(&rep)
+        .output()
+        .unwrap();
+    fails(out, "another store");
+    let cfg = fs::read_to_string(other.join(".drfs/state.toml")).unwrap_or_default();
+    assert!(!cfg.contains("[replication]"), "{cfg}");
+    let out = drfs().arg("ship").arg(&other).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unprotected store cannot ship"
+    );
+    fails(out, "not protected");
+    fails(run(&[os("points"), f.store.as_os_str()]), "not a replica");
+    fails(
+        run(&[os("points"), f.root.join("nope").as_os_str()]),
+        "nope",
+    );
+    fails(
+        run(&[os("status"), f.root.join("nope").as_os_str()]),
+        "nope",
+    );
+    ok(drfs().arg("ship").arg(&f.store));
+    let dest = f.root.join("dest");
+    fails(
+        run(&[
+            os("restore"),
+            rep.as_os_str(),
+            os("--point"),
+            os("99999999"),
+            os("--to"),
+            dest.as_os_str(),
+        ]),
+        "no point 99999999",
+    );
+    fails(
+        run(&[
+            os("restore"),
+            rep.as_os_str(),
+            os("--point"),
+            os("00000001"),
+            os("--to"),
+            rep.join("x").as_os_str(),
+        ]),
+        "inside the replica",
+    );
+    assert!(!dest.exists());
+}

@@ -215,9 +215,18 @@ fn cycle(tracker: &Tracker, st: &mut CycleState, opts: CycleOpts) -> Result<Outc
             Ok(o)
         }
         Err(e) => {
-            let why = conn.abort();
-            tracing::warn!("cycle of {} failed: {e} {why}", cfg.store_id);
-            Err(e)
+            let (code, why) = conn.abort();
+            tracing::warn!("cycle of {} failed: {e} ({why})", cfg.store_id);
+            // A broken pipe says little: the receiver's own words say why it stopped.
+            match (&e, why.is_empty()) {
+                (Error::Invalid(m), false) if m.starts_with("replica connection") => {
+                    Err(Error::Refused {
+                        message: format!("replica: {why}"),
+                        recoverable: code != Some(2),
+                    })
+                }
+                _ => Err(e),
+            }
         }
     }
 }
@@ -289,14 +298,14 @@ fn handshake(
         cut_id: cut_id.clone(),
     });
     st.save(tracker.state())?;
-    let cut = tracker.cut(rep.group == "dir")?;
-    let pause_us = cut.pause.as_micros() as u64;
     // A replica without a point yet gets an initial replication: every file is compared
     // by hash, so nothing is assumed about it (and a copy placed there seeds it).
     let opts = CycleOpts {
         resync: opts.resync || theirs.is_none(),
         ..opts
     };
+    let cut = tracker.cut(rep.group == "dir", opts.resync)?;
+    let pause_us = cut.pause.as_micros() as u64;
     let r = send_cut(tracker, conn, &cut, generation, theirs, &cut_id, opts);
     tracker.end_cycle(&cut, r.is_ok())?;
     let (point, stats) = r?;
@@ -350,7 +359,7 @@ fn send_cut(
     );
     let mut sh = Shipper::new(&mut conn.w, &mut conn.r, bs, progress);
     for f in files {
-        if f.resync || opts.resync {
+        if f.resync {
             sh.resync(f)?;
         } else {
             sh.dirty(f)?;
@@ -431,7 +440,7 @@ pub fn bind(store_id: &str, block_size: u64, target: &Path, keep: &str) -> Resul
             conn.finish();
         }
         Err(_) => {
-            conn.abort();
+            let _ = conn.abort();
         }
     }
     r

@@ -63,14 +63,31 @@ pub fn connect(target: &str) -> Result<Conn> {
     }
 }
 
-fn stderr_of(child: &mut Child) -> String {
-    let _ = child.kill();
-    let _ = child.wait();
+/// Ends the receiver; its exit code and the last line it wrote to stderr.
+fn stop(child: &mut Child) -> (Option<i32>, String) {
     let mut s = String::new();
     if let Some(mut e) = child.stderr.take() {
+        // The receiver exits after an error; give it a moment to say why.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
         let _ = e.read_to_string(&mut s);
+    } else {
+        let _ = child.kill();
     }
-    let line = s.lines().last().unwrap_or("").trim().to_string();
+    let code = child.wait().ok().and_then(|st| st.code());
+    let line = s.lines().last().unwrap_or("").trim();
+    let line = line
+        .strip_prefix("drfs receive: ")
+        .unwrap_or(line)
+        .to_string();
+    (code, line)
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let (_, line) = stop(child);
     if line.is_empty() {
         line
     } else {
@@ -85,8 +102,9 @@ impl Conn {
         let _ = self.child.wait();
     }
 
-    /// Ends a failed stream; returns the receiver's last stderr line, if any.
-    pub fn abort(mut self) -> String {
-        stderr_of(&mut self.child)
+    /// Ends a failed stream: the receiver's exit code and its last stderr line.
+    pub fn abort(mut self) -> (Option<i32>, String) {
+        drop(self.w);
+        stop(&mut self.child)
     }
 }

@@ -57,12 +57,25 @@ fn refuse<T>(message: impl Into<String>, recoverable: bool) -> std::result::Resu
     })
 }
 
+/// Waits until no other receiver works on this replica (the lock goes with the process).
+fn lock(root: &Path) -> std::result::Result<File, Refusal> {
+    let dir = File::open(root).map_err(|e| Refusal {
+        message: format!("replica {}: {e}", root.display()),
+        recoverable: e.kind() != std::io::ErrorKind::PermissionDenied,
+    })?;
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return refuse(format!("cannot lock replica {}", root.display()), true);
+    }
+    Ok(dir)
+}
+
 /// Serves one sender until it says goodbye. An error is also sent to the sender.
 pub fn serve(
     root: &Path,
     input: impl Read,
     output: impl Write,
 ) -> std::result::Result<(), Refusal> {
+    let _lock = lock(root);
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, output))?;
     let r = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
         Ok(r) => r,

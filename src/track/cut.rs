@@ -62,8 +62,9 @@ fn now_ns() -> i64 {
 
 impl Tracker {
     /// Cuts the store: the whole store as one consistency group, or (`by_dir`) each
-    /// top-level folder as its own.
-    pub fn cut(&self, by_dir: bool) -> Result<Cut> {
+    /// top-level folder as its own. With `whole`, every file is cut whole (its every block
+    /// is protected until shipped), as a cycle that compares whole files needs.
+    pub fn cut(&self, by_dir: bool, whole: bool) -> Result<Cut> {
         let _ns = self.ns.write();
         let tracked: Vec<Tracked> = {
             let inner = self.inner.lock();
@@ -77,7 +78,7 @@ impl Tracker {
                         id: f.id,
                         path: paths.into_iter().next()?,
                         ino: f.ino,
-                        resync: f.needs_resync,
+                        resync: f.needs_resync || whole,
                     })
                 })
                 .collect()
