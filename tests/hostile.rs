@@ -81,12 +81,12 @@ fn stream(blocks: &[Block], m: Manifest) -> Vec<u8> {
     })
     .unwrap();
     w.msg(&Msg::Bye).unwrap();
-    drop(w);
     out
 }
 
 struct Case {
-    f: Fixture,
+    /// Owns the temporary directories (removed when the case ends).
+    _f: Fixture,
     replica: std::path::PathBuf,
     outside: std::path::PathBuf,
 }
@@ -212,7 +212,7 @@ fn absurd_sizes_and_bad_data_are_refused() {
     let blk = data_block(1, 0, vec![1; 100]);
     c.refused(
         &stream(
-            &[blk.clone()],
+            std::slice::from_ref(&blk),
             manifest(vec![entry("f", Kind::File, Some(1), 1 << 60)]),
         ),
         "a 1 EiB file",
