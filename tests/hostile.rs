@@ -99,7 +99,7 @@ impl Case {
         std::fs::create_dir(&replica).unwrap();
         std::fs::create_dir(&outside).unwrap();
         Case {
-            f,
+            _f: f,
             replica,
             outside,
         }
