@@ -286,3 +286,32 @@ pub fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     }
     Ok(done)
 }
+
+/// Knows where the holes of a file are (SEEK_DATA / SEEK_HOLE), lazily.
+pub struct Holes<'a> {
+    f: &'a File,
+    /// `[data_start, data_end)`: the data region at or after the last query.
+    data: (u64, u64),
+}
+
+impl<'a> Holes<'a> {
+    pub fn new(f: &'a File) -> Self {
+        Holes { f, data: (0, 0) }
+    }
+
+    /// Whether `[off, off+len)` is entirely a hole.
+    pub fn hole(&mut self, off: u64, len: u64) -> bool {
+        if off >= self.data.1 {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(self.f);
+            match lseek(fd, off as i64, libc::SEEK_DATA) {
+                Ok(d) => {
+                    let end = lseek(fd, d, libc::SEEK_HOLE).unwrap_or(i64::MAX);
+                    self.data = (d as u64, end as u64);
+                }
+                // ENXIO: no data at or after `off`.
+                Err(_) => self.data = (u64::MAX, u64::MAX),
+            }
+        }
+        off + len <= self.data.0
+    }
+}

@@ -3,14 +3,12 @@
 //! the replica's. Holes and zero blocks travel as zero blocks (no data); each block carries
 //! its BLAKE3 for the receiver to check.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 
 use indicatif::ProgressBar;
 
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::sys::Holes;
 use crate::track::cut::CutFile;
 use crate::wire::{Block, BlockHash, Frame, Msg, Reader, Writer, zero_hash};
 
@@ -26,35 +24,6 @@ pub struct Stats {
     pub same_blocks: u64,
 }
 
-/// Knows where the holes of a file are (SEEK_DATA / SEEK_HOLE), lazily.
-struct Holes<'a> {
-    f: &'a File,
-    /// `[data_start, data_end)`: the data region at or after the last query.
-    data: (u64, u64),
-}
-
-impl<'a> Holes<'a> {
-    fn new(f: &'a File) -> Self {
-        Holes { f, data: (0, 0) }
-    }
-
-    /// Whether `[off, off+len)` is entirely a hole.
-    fn hole(&mut self, off: u64, len: u64) -> bool {
-        if off >= self.data.1 {
-            let fd = self.f.as_raw_fd();
-            match sys::lseek(fd, off as i64, libc::SEEK_DATA) {
-                Ok(d) => {
-                    let end = sys::lseek(fd, d, libc::SEEK_HOLE).unwrap_or(i64::MAX);
-                    self.data = (d as u64, end as u64);
-                }
-                // ENXIO: no data at or after `off`.
-                Err(_) => self.data = (u64::MAX, u64::MAX),
-            }
-        }
-        off + len <= self.data.0
-    }
-}
-
 pub struct Shipper<'a, W: Write, R: Read> {
     pub w: &'a mut Writer<W>,
     pub r: &'a mut Reader<R>,
@@ -63,6 +32,8 @@ pub struct Shipper<'a, W: Write, R: Read> {
     pub progress: Option<ProgressBar>,
     zero: [u8; 32],
     buf: Vec<u8>,
+    /// Whole zero blocks waiting to travel as one run: (file, first block, count).
+    run: Option<(crate::track::FileId, u64, u64)>,
 }
 
 impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
@@ -80,6 +51,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             progress,
             zero: zero_hash(bs as usize),
             buf: Vec::with_capacity(bs as usize),
+            run: None,
         }
     }
 
@@ -106,6 +78,10 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
     /// cycle: the read marks it shipped, after which writes no longer preserve it).
     fn send_buf(&mut self, f: &CutFile, b: u64, zero: bool) -> Result<()> {
         let len = self.buf.len();
+        if zero && len == self.bs as usize {
+            return self.zero_block(f, b);
+        }
+        self.flush_run()?;
         let hash = match (zero, len == self.bs as usize) {
             (true, true) => self.zero,
             (true, false) => zero_hash(len),
@@ -137,6 +113,39 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         Ok(())
     }
 
+    /// Adds a whole zero block to the pending run (runs of holes travel as one frame).
+    fn zero_block(&mut self, f: &CutFile, b: u64) -> Result<()> {
+        let max = u64::from(u32::MAX) / self.bs;
+        match &mut self.run {
+            Some((id, first, n)) if *id == f.id && *first + *n == b && *n < max => *n += 1,
+            _ => {
+                self.flush_run()?;
+                self.run = Some((f.id, b, 1));
+            }
+        }
+        self.stats.blocks += 1;
+        self.stats.zero_blocks += 1;
+        self.tick(self.bs);
+        Ok(())
+    }
+
+    /// Sends the pending run of zero blocks, if any.
+    pub fn flush_run(&mut self) -> Result<()> {
+        let Some((id, first, n)) = self.run.take() else {
+            return Ok(());
+        };
+        self.w
+            .block(&Block {
+                id,
+                offset: first * self.bs,
+                len: (n * self.bs) as u32,
+                zero: true,
+                hash: self.zero,
+                data: Vec::new(),
+            })
+            .map_err(wire_err)
+    }
+
     fn tick(&self, n: u64) {
         if let Some(p) = &self.progress {
             p.inc(n);
@@ -153,7 +162,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
                 self.send(f, blk, hole)?;
             }
         }
-        Ok(())
+        self.flush_run()
     }
 
     /// Ships the blocks of a file that differ from the replica's, found by hash.
@@ -190,7 +199,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             }
             first = next;
         }
-        Ok(())
+        self.flush_run()
     }
 
     /// Compares block `b` with the replica's (`their` hash); sends it if it differs.

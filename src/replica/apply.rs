@@ -203,12 +203,8 @@ fn write_undo(r: &Replica, inc: &Incoming, plan: &Plan, from: &str) -> Result<()
             continue;
         };
         let old_blocks = old_size.div_ceil(bs);
-        let mut runs: Vec<[u64; 2]> = inc
-            .confirmed(*id)
-            .into_iter()
-            .filter(|(b, _)| *b < old_blocks)
-            .map(|(b, _)| [b, b + 1])
-            .collect();
+        let mut runs: Vec<[u64; 2]> =
+            crate::runs::minus(&inc.changed(*id), &[[old_blocks, u64::MAX]]);
         if new_size < old_size {
             runs.push([new_size / bs, old_blocks]);
         }
@@ -234,7 +230,7 @@ fn roll_forward(r: &Replica, inc: &mut Incoming, plan: &Plan, mut j: Journal) ->
         }
         match phase {
             Phase::Detach => detach(r, plan, &hold_fd)?,
-            Phase::Place => place(r, plan, &hold_fd)?,
+            Phase::Place => place(r, inc, plan, &hold_fd)?,
             Phase::Data => data(r, inc, plan)?,
             Phase::Meta | Phase::Publish => meta(r, plan)?,
         }
@@ -335,7 +331,33 @@ fn clear_for(
     Ok(is)
 }
 
-fn place(r: &Replica, plan: &Plan, hold: &crate::replica::tree::Tree) -> Result<()> {
+/// New files whose staged data is their whole content move into place instead of being
+/// copied. The choice is recorded before any move, so a crash never re-applies blocks
+/// from a staged file that has already moved.
+fn adopted(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<BTreeSet<FileId>> {
+    let p = inc.dir.join("adopted.json");
+    if let Ok(b) = fs::read(&p) {
+        return serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()));
+    }
+    let ids: BTreeSet<FileId> = plan
+        .new_files
+        .iter()
+        .filter(|(id, (paths, _))| {
+            !plan.old_files.contains_key(id) && !r.tree.exists(&paths[0]) && inc.adoptable(**id)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    let body = serde_json::to_vec(&ids).map_err(|e| Error::Invalid(e.to_string()))?;
+    sys::write_atomic(&p, &body).at(&p)?;
+    Ok(ids)
+}
+
+fn place(
+    r: &Replica,
+    inc: &Incoming,
+    plan: &Plan,
+    hold: &crate::replica::tree::Tree,
+) -> Result<()> {
     if let Some(from) = &plan.from {
         let undo = r.undo_dir(from);
         let undo_t = crate::replica::tree::Tree::open(&undo).at(&undo)?;
@@ -359,10 +381,22 @@ fn place(r: &Replica, plan: &Plan, hold: &crate::replica::tree::Tree) -> Result<
         clear_for(r, &e.path, Kind::Dir, hold)?;
         r.tree.mkdir_all(&e.path).at(&e.path.under(&r.root))?;
     }
+    let adopt = adopted(r, inc, plan)?;
+    let inc_t = crate::replica::tree::Tree::open(&inc.dir).at(&inc.dir)?;
     for (id, (paths, _)) in &plan.new_files {
         let name = hold_name(*id);
         let primary = &paths[0];
-        if hold.exists(&RelPath::from_bytes(name.as_bytes())) {
+        if adopt.contains(id) {
+            let staged = CString::new(format!("{id}.data")).unwrap_or_default();
+            if inc.data_file(*id).exists() {
+                if r.tree.lstat(primary).is_ok() {
+                    set_aside(r, primary, hold)?;
+                }
+                r.tree
+                    .rename_from(inc_t.root(), &staged, primary)
+                    .at(&primary.under(&r.root))?;
+            }
+        } else if hold.exists(&RelPath::from_bytes(name.as_bytes())) {
             if r.tree.lstat(primary).is_ok() {
                 set_aside(r, primary, hold)?;
             }
@@ -424,9 +458,23 @@ fn place(r: &Replica, plan: &Plan, hold: &crate::replica::tree::Tree) -> Result<
 fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
     let bs = r.cfg.block_size;
     let mut buf = vec![0u8; bs as usize];
+    let adopt = adopted(r, inc, plan)?;
     for (id, (paths, size)) in &plan.new_files {
         let p = &paths[0];
-        let f = r.tree.open_file(p, libc::O_RDWR, 0).at(&p.under(&r.root))?;
+        let at = p.under(&r.root);
+        let f = r.tree.open_file(p, libc::O_RDWR, 0).at(&at)?;
+        if adopt.contains(id) {
+            f.set_len(*size).at(&at)?;
+            continue;
+        }
+        // Zero blocks become holes, where the file has bytes to punch.
+        let cur = f.metadata().at(&at)?.len();
+        for run in inc.zero_runs(*id) {
+            let (a, b) = (run[0] * bs, (run[1] * bs).min(cur).min(*size));
+            if a < b {
+                punch_hole(&f, a, b - a).at(&at)?;
+            }
+        }
         for (b, s) in inc.confirmed(*id) {
             let off = b * bs;
             if off >= *size {
@@ -434,17 +482,16 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
             }
             let len = u64::from(s.len).min(size - off);
             if s.zero {
-                if off < f.metadata().at(&p.under(&r.root))?.len() {
-                    punch_hole(&f, off, len).at(&p.under(&r.root))?;
+                if off < cur {
+                    punch_hole(&f, off, len).at(&at)?;
                 }
             } else {
                 let chunk = &mut buf[..s.len as usize];
                 inc.read(*id, b, chunk)?;
-                f.write_all_at(&chunk[..len as usize], off)
-                    .at(&p.under(&r.root))?;
+                f.write_all_at(&chunk[..len as usize], off).at(&at)?;
             }
         }
-        f.set_len(*size).at(&p.under(&r.root))?;
+        f.set_len(*size).at(&at)?;
         crate::fault::hit("apply:data-file");
     }
     syncfs(&r.root)

@@ -267,6 +267,11 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         })?;
         let bs = self.replica()?.cfg.block_size;
         let file = self.latest_file(id, path)?;
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        let mut holes = file.as_ref().map(sys::Holes::new);
         let mut out = Vec::with_capacity(count as usize);
         let mut buf = vec![0u8; bs as usize];
         for b in first..first + count {
@@ -274,9 +279,9 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 out.push(h);
                 continue;
             }
-            out.push(match &file {
-                Some(f) => hash_block(f, b, bs, &mut buf)?,
-                None => BlockHash::Absent,
+            out.push(match (&file, &mut holes) {
+                (Some(f), Some(h)) => hash_block(f, h, size, b, bs, &mut buf)?,
+                _ => BlockHash::Absent,
             });
         }
         self.w.hashes(&Hashes {
@@ -330,23 +335,22 @@ impl<R: Read, W: Write> Session<'_, R, W> {
 }
 
 /// The BLAKE3 of block `b` of `f` (holes and zero blocks as `Zero`, beyond the end `Absent`).
-fn hash_block(f: &File, b: u64, bs: u64, buf: &mut [u8]) -> Result<BlockHash> {
+fn hash_block(
+    f: &File,
+    holes: &mut sys::Holes<'_>,
+    size: u64,
+    b: u64,
+    bs: u64,
+    buf: &mut [u8],
+) -> Result<BlockHash> {
     let off = b * bs;
-    let size = f
-        .metadata()
-        .map_err(|e| Error::Io {
-            path: "replica file".into(),
-            source: e,
-        })?
-        .len();
     if off >= size {
         return Ok(BlockHash::Absent);
     }
-    let data = sys::lseek(f.as_raw_fd(), off as i64, libc::SEEK_DATA).unwrap_or(off as i64);
-    if data as u64 >= off + bs || data < 0 {
+    let n = ((size - off).min(bs)) as usize;
+    if holes.hole(off, n as u64) {
         return Ok(BlockHash::Zero);
     }
-    let n = ((size - off).min(bs)) as usize;
     let got = sys::read_full(f, &mut buf[..n], off).map_err(|e| Error::Io {
         path: "replica file".into(),
         source: e,
