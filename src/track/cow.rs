@@ -131,12 +131,17 @@ impl Cow {
     }
 
     /// Reads block `b` as the cut saw it into `buf` (resized to the block's length), marks
-    /// it shipped, and says whether it is all zeros. `hole` tells whether the block is
-    /// known to lie in a hole of `src`.
+    /// it shipped, and says whether it is all zeros (then `buf`'s bytes are unspecified:
+    /// a hole is neither filled nor scanned). `hole` tells whether the block is known to
+    /// lie in a hole of `src`.
     pub fn read(&self, src: &File, b: u64, buf: &mut Vec<u8>, hole: bool) -> Result<bool> {
         let n = self.block_len(b);
         buf.resize(n, 0);
         let _l = self.stripe(b);
+        if hole && !test(&self.preserved, b) {
+            mark(&self.shipped, b);
+            return Ok(true);
+        }
         if test(&self.preserved, b) {
             let side = self.side.lock();
             let got = match side.as_ref() {
@@ -144,8 +149,6 @@ impl Cow {
                 None => 0,
             };
             buf[got..].fill(0);
-        } else if hole {
-            buf.fill(0);
         } else {
             let got = read_full(src, buf, b * self.bs).at(&self.side_path)?;
             buf[got..].fill(0);
