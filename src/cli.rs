@@ -98,6 +98,32 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Mount REPLICA's recovery points read-only at MOUNTPOINT (points/, latest, by-time/).
+    Browse {
+        replica: PathBuf,
+        mountpoint: PathBuf,
+        /// Let users other than the one mounting read it.
+        #[arg(long)]
+        allow_other: bool,
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// A writable, throwaway clone of a point at DIR (nothing is copied), or --stop it.
+    TestFailover {
+        replica: PathBuf,
+        #[arg(long, required_unless_present = "stop")]
+        point: Option<String>,
+        #[arg(long, required_unless_present = "stop")]
+        at: Option<PathBuf>,
+        /// Discard the running clone.
+        #[arg(long, conflicts_with_all = ["point", "at"])]
+        stop: bool,
+        /// Let other users (qemu as libvirt-qemu) use the clone.
+        #[arg(long)]
+        allow_other: bool,
+        #[arg(long)]
+        foreground: bool,
+    },
     /// Health and state of a store or a replica.
     Status {
         path: PathBuf,
@@ -186,6 +212,27 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Receive { replica } => return Ok(crate::commands::receive(&replica)),
         Cmd::Points { replica, json } => crate::commands::points(&replica, json)?,
         Cmd::Status { path, json } => crate::commands::status(&path, json)?,
+        Cmd::Browse {
+            replica,
+            mountpoint,
+            allow_other,
+            foreground,
+        } => crate::commands::browse(&replica, &mountpoint, allow_other, foreground)?,
+        Cmd::TestFailover {
+            replica,
+            point,
+            at,
+            stop,
+            allow_other,
+            foreground,
+        } => crate::commands::test_failover(
+            &replica,
+            point.as_deref(),
+            at.as_deref(),
+            stop,
+            allow_other,
+            foreground,
+        )?,
         Cmd::Restore {
             replica,
             point,

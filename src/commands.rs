@@ -229,3 +229,103 @@ pub fn restore(
     );
     Ok(())
 }
+
+/// Checks that a mountpoint is usable and outside the replica.
+fn outside(r: &Replica, p: &Path, what: &str) -> Result<std::path::PathBuf> {
+    let mnt = crate::daemon::mountpoint(p)?;
+    if mnt.starts_with(&r.root) {
+        bail!(
+            "{what} {} is inside the replica {}",
+            mnt.display(),
+            r.root.display()
+        );
+    }
+    Ok(mnt)
+}
+
+pub fn browse(
+    replica: &Path,
+    mountpoint: &Path,
+    allow_other: bool,
+    foreground: bool,
+) -> Result<()> {
+    let r = Replica::open_only(replica)?;
+    if foreground {
+        let mnt = crate::daemon::absolute(mountpoint)?;
+        return Ok(crate::browse::serve(
+            &r.root,
+            &mnt,
+            allow_other,
+            crate::daemon::Ready::from_env(),
+        )?);
+    }
+    let mnt = outside(&r, mountpoint, "mountpoint")?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "browse".into(),
+        "--foreground".into(),
+        r.root.clone().into(),
+        mnt.into(),
+    ];
+    if allow_other {
+        args.push("--allow-other".into());
+    }
+    Ok(crate::daemon::spawn(&args, Path::new("the system log"))?)
+}
+
+pub fn test_failover(
+    replica: &Path,
+    point: Option<&str>,
+    at: Option<&Path>,
+    stop: bool,
+    allow_other: bool,
+    foreground: bool,
+) -> Result<()> {
+    let r = Replica::open_only(replica)?;
+    if stop {
+        let s = crate::clone::stop(&r)?;
+        println!(
+            "test failover of point {} at {} stopped and discarded",
+            s.point,
+            s.at.display()
+        );
+        return Ok(());
+    }
+    let (Some(point), Some(at)) = (point, at) else {
+        bail!("--point and --at are needed (or --stop)");
+    };
+    if foreground {
+        let at = crate::daemon::absolute(at)?;
+        return Ok(crate::clone::serve(
+            &r.root,
+            point,
+            &at,
+            allow_other,
+            crate::daemon::Ready::from_env(),
+        )?);
+    }
+    drop(crate::clone::lock(&r)?);
+    crate::view::PointView::open(&r, point)?;
+    if !at.exists() {
+        std::fs::create_dir_all(at).with_context(|| at.display().to_string())?;
+    }
+    let at = outside(&r, at, "--at")?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "test-failover".into(),
+        "--foreground".into(),
+        r.root.clone().into(),
+        "--point".into(),
+        point.into(),
+        "--at".into(),
+        at.clone().into(),
+    ];
+    if allow_other {
+        args.push("--allow-other".into());
+    }
+    crate::daemon::spawn(&args, Path::new("the system log"))?;
+    println!(
+        "point {point} is at {} as a writable clone; `drfs test-failover {} --stop` discards it",
+        at.display(),
+        r.root.display()
+    );
+    Ok(())
+}

@@ -2,11 +2,14 @@
 //! Data flows one way: the tracked mount (`mount`, `track`) records what changes; later
 //! stages ship it to a replica and show its recovery points. See ARCHITECTURE.md.
 
+pub mod browse;
 pub mod changes;
 pub mod cli;
+pub mod clone;
 pub mod commands;
 pub mod control;
 pub mod cycle;
+pub mod daemon;
 pub mod error;
 pub mod fault;
 pub mod mount;

@@ -129,7 +129,8 @@ fn bar(total: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// Copies one file of the point, leaving holes where the point has holes or zeros.
+/// Copies one file of the point, leaving holes where the point has holes or zeros, and
+/// checks every block against the BLAKE3 the primary sent for it.
 fn copy_file(
     view: &PointView,
     e: &Entry,
@@ -153,12 +154,27 @@ fn copy_file(
     while off < e.size {
         let b = off / bs;
         let n = (e.size - off).min(bs) as usize;
-        if !src.is_hole(b) {
-            let got = src.read_at(&mut buf[..n], off).at(t)?;
-            if buf[..got].iter().any(|&x| x != 0) {
-                dst.write_all_at(&buf[..got], off).at(t)?;
-                written += got as u64;
-            }
+        let got = if src.is_hole(b) {
+            buf[..n].fill(0);
+            n
+        } else {
+            src.read_at(&mut buf[..n], off).at(t)?
+        };
+        let want = src.expected(b)?;
+        if want != Some(crate::replica::hashes::of(&buf[..got])) {
+            return Err(Error::Corrupt {
+                path: t.to_path_buf(),
+                why: format!(
+                    "block {b} of {} in point {} does not match its BLAKE3{}",
+                    e.path,
+                    view.info.id,
+                    if want.is_none() { " (none kept)" } else { "" }
+                ),
+            });
+        }
+        if buf[..got].iter().any(|&x| x != 0) {
+            dst.write_all_at(&buf[..got], off).at(t)?;
+            written += got as u64;
         }
         if let Some(b) = bar {
             b.inc(n as u64);

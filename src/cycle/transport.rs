@@ -31,9 +31,9 @@ pub fn connect(target: &str) -> Result<Conn> {
             c
         }
         _ => {
-            let exe = std::env::current_exe()
-                .map_err(|e| Error::Invalid(format!("cannot find the drfs binary: {e}")))?;
-            let mut c = Command::new(exe);
+            // The running binary itself, even after an upgrade replaced the file on disk
+            // (so the receiver always speaks this daemon's protocol version).
+            let mut c = Command::new("/proc/self/exe");
             c.arg("receive");
             c
         }

@@ -15,9 +15,8 @@ pub mod handle;
 pub mod inode;
 pub mod mountinfo;
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +24,7 @@ use std::time::Duration;
 
 use crate::control;
 use crate::cycle::schedule::Scheduler;
+use crate::daemon::{self, Ready};
 use crate::error::{At, Error, Result};
 use crate::state::{self, StateDir};
 use crate::sys;
@@ -41,15 +41,6 @@ pub struct MountOpts {
     pub track: bool,
 }
 
-/// An absolute path without resolving its last component (which may be a dead mount).
-fn absolute(p: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(p).at(p)?;
-    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
-        return Ok(abs);
-    };
-    Ok(parent.canonicalize().at(parent)?.join(name))
-}
-
 /// Checks the arguments and detaches a stale mount; returns canonical (store, mountpoint).
 fn prepare(opts: &MountOpts) -> Result<(PathBuf, PathBuf)> {
     let store = opts
@@ -62,44 +53,7 @@ fn prepare(opts: &MountOpts) -> Result<(PathBuf, PathBuf)> {
             store.display()
         )));
     }
-    let mnt = absolute(&opts.mountpoint).map_err(|_| {
-        Error::Invalid(format!(
-            "mountpoint {}: no such directory",
-            opts.mountpoint.display()
-        ))
-    })?;
-    if let Some(e) = mountinfo::at(&mnt).filter(mountinfo::is_drfs) {
-        match std::fs::metadata(&mnt) {
-            Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => {
-                detach(&mnt)?;
-                eprintln!(
-                    "drfs: replaced a stale mount at {} (its daemon had died)",
-                    mnt.display()
-                );
-            }
-            _ => {
-                return Err(Error::Busy(format!(
-                    "{} is already a drfs mount of {}",
-                    mnt.display(),
-                    e.store().unwrap_or_default().display()
-                )));
-            }
-        }
-    }
-    let md = std::fs::metadata(&mnt)
-        .map_err(|e| Error::Invalid(format!("mountpoint {}: {e}", mnt.display())))?;
-    if !md.is_dir() {
-        return Err(Error::Invalid(format!(
-            "mountpoint {} is not a directory",
-            mnt.display()
-        )));
-    }
-    if std::fs::read_dir(&mnt).at(&mnt)?.next().is_some() {
-        return Err(Error::Invalid(format!(
-            "mountpoint {} is not empty",
-            mnt.display()
-        )));
-    }
+    let mnt = daemon::mountpoint(&opts.mountpoint)?;
     if mnt.starts_with(&store) || store.starts_with(&mnt) {
         return Err(Error::Invalid(format!(
             "mountpoint {} and store {} must not contain each other",
@@ -117,24 +71,6 @@ fn prepare(opts: &MountOpts) -> Result<(PathBuf, PathBuf)> {
     Ok((store, mnt))
 }
 
-fn detach(mnt: &Path) -> Result<()> {
-    let c = sys::cpath(mnt).at(mnt)?;
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        return Ok(());
-    }
-    let st = std::process::Command::new("fusermount3")
-        .args(["-u", "-z", "-q"])
-        .arg(mnt)
-        .status();
-    match st {
-        Ok(s) if s.success() => Ok(()),
-        _ => Err(Error::Busy(format!(
-            "cannot detach the stale mount at {}",
-            mnt.display()
-        ))),
-    }
-}
-
 /// `drfs mount`: in the foreground, serve until unmounted; otherwise start the daemon and
 /// return once it serves.
 pub fn mount(opts: &MountOpts) -> Result<()> {
@@ -143,103 +79,28 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
         drop(StateDir::new(&store).lock()?);
     }
     if opts.foreground {
-        let ready = std::env::var("DRFS_READY_FD")
-            .ok()
-            .and_then(|v| v.parse::<RawFd>().ok())
-            .map(|fd| unsafe { File::from_raw_fd(fd) });
-        unsafe { std::env::remove_var("DRFS_READY_FD") };
-        return serve(opts, &store, &mnt, ready);
+        return serve(opts, &store, &mnt, Ready::from_env());
     }
-    spawn_daemon(opts, &store, &mnt)
-}
-
-fn spawn_daemon(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<()> {
-    let mut fds = [0; 2];
-    sys::cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), 0) }).at(Path::new("pipe"))?;
-    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
-    let mut read_end = unsafe { File::from_raw_fd(fds[0]) };
-    let write_end = unsafe { File::from_raw_fd(fds[1]) };
-    let exe = std::env::current_exe().at(Path::new("/proc/self/exe"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("mount").arg("--foreground").arg(store).arg(mnt);
+    let mut args: Vec<OsString> = vec![
+        "mount".into(),
+        "--foreground".into(),
+        store.clone().into(),
+        mnt.into(),
+    ];
     if let Some(bs) = opts.block_size {
-        cmd.arg("--block-size").arg(bs.to_string());
+        args.extend(["--block-size".into(), bs.to_string().into()]);
     }
-    cmd.arg("--threads").arg(opts.threads.to_string());
+    args.extend(["--threads".into(), opts.threads.to_string().into()]);
     if opts.allow_other {
-        cmd.arg("--allow-other");
+        args.push("--allow-other".into());
     }
     if !opts.track {
-        cmd.arg("--no-track");
+        args.push("--no-track".into());
     }
-    cmd.env("DRFS_READY_FD", fds[1].to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().at(Path::new("drfs daemon"))?;
-    drop(write_end);
-    let mut msg = String::new();
-    let _ = read_end.read_to_string(&mut msg);
-    let msg = msg.trim();
-    if msg == "OK" {
-        // The daemon lives on; it is not our child to wait for.
-        std::mem::forget(child);
-        return Ok(());
-    }
-    let _ = child.wait();
-    if let Some(err) = msg.strip_prefix("ERR ") {
-        return Err(Error::Invalid(err.to_string()));
-    }
-    Err(Error::Invalid(format!(
-        "the drfs daemon exited before the mount was ready; see {}",
-        StateDir::new(store).path("daemon.log").display()
-    )))
+    daemon::spawn(&args, &StateDir::new(&store).path("daemon.log"))
 }
 
-/// Tells whoever waits that the mount serves (or why it does not).
-struct Ready(Option<File>);
-
-impl Ready {
-    fn say(&mut self, msg: &str) {
-        if let Some(mut f) = self.0.take() {
-            let _ = writeln!(f, "{msg}");
-        }
-        if msg == "OK" {
-            notify_systemd();
-        }
-    }
-}
-
-fn notify_systemd() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let b = path.as_encoded_bytes();
-    let r = if let Some(abs) = b.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
-    } else {
-        sock.send_to(b"READY=1", Path::new(&path))
-    };
-    if let Err(e) = r {
-        tracing::warn!("sd_notify: {e}");
-    }
-}
-
-fn serve(opts: &MountOpts, store: &Path, mnt: &Path, ready: Option<File>) -> Result<()> {
-    let mut ready = Ready(ready);
+fn serve(opts: &MountOpts, store: &Path, mnt: &Path, mut ready: Ready) -> Result<()> {
     match start(opts, store, mnt) {
         Ok(running) => {
             ready.say("OK");
@@ -263,7 +124,7 @@ struct Running {
 
 fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
     unsafe { libc::umask(0) };
-    let signals = block_signals();
+    let signals = daemon::block_signals();
     let sd = StateDir::new(store);
     let (tracker, lock) = if opts.track {
         let (sd, cfg) = StateDir::open_or_init(store, opts.block_size)?;
@@ -308,7 +169,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
     let session = fuser::Session::new(drfs, mnt, &cfg)
         .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", mnt.display())))?;
     tune_readahead(mnt);
-    watch_signals(signals, mnt.to_path_buf());
+    daemon::watch_signals(signals, mnt.to_path_buf());
     let (sched, socket) = match &tracker {
         Some(t) => {
             let sched = Scheduler::start(t.clone());
@@ -393,7 +254,7 @@ fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
 
 /// Raises the mount's readahead to 1 MiB (the kernel's 128 KiB default halves buffered
 /// sequential reads through FUSE).
-fn tune_readahead(mnt: &Path) {
+pub fn tune_readahead(mnt: &Path) {
     if let Some(e) = mountinfo::at(mnt) {
         let p = format!("/sys/class/bdi/{}/read_ahead_kb", e.dev);
         if let Err(err) = std::fs::write(&p, "1024") {
@@ -402,62 +263,47 @@ fn tune_readahead(mnt: &Path) {
     }
 }
 
-fn block_signals() -> libc::sigset_t {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// On SIGTERM, SIGINT or SIGHUP: detach the mount; the daemon stops when the last open
-/// file of it is closed.
-fn watch_signals(set: libc::sigset_t, mnt: PathBuf) {
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            loop {
-                let mut sig = 0;
-                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                    return;
-                }
-                tracing::info!("signal {sig}: unmounting {}", mnt.display());
-                if let Err(e) = detach(&mnt) {
-                    tracing::error!("{e}");
-                }
-            }
-        });
-}
-
 /// `drfs unmount`: unmounts and waits for the daemon to record a clean stop.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
-    let mnt = absolute(mountpoint)
+    let mnt = daemon::absolute(mountpoint)
         .map_err(|_| Error::Invalid(format!("{}: no such directory", mountpoint.display())))?;
     let Some(entry) = mountinfo::at(&mnt) else {
         return Err(Error::Invalid(format!("{} is not mounted", mnt.display())));
     };
-    let Some(store) = entry.store().filter(|_| mountinfo::is_drfs(&entry)) else {
+    if !mountinfo::is_drfs(&entry) {
         return Err(Error::Invalid(format!(
             "{} is not a drfs mount",
             mnt.display()
         )));
-    };
-    let sd = StateDir::new(&store);
-    let pid = sd.run_info().map(|r| r.pid).filter(|&p| sys::pid_alive(p));
+    }
     let stale =
         matches!(std::fs::metadata(&mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
     if stale {
-        detach(&mnt)?;
+        daemon::detach(&mnt)?;
         return Err(Error::Invalid(format!(
             "{} was a stale mount (its daemon had died); detached it. The next `drfs mount` reconciles the store",
             mnt.display()
         )));
     }
-    let c = sys::cpath(&mnt).at(&mnt)?;
+    let Some(store) = entry.store() else {
+        // A browse or a test-failover clone: there is no store to wait for.
+        return umount(&mnt, lazy);
+    };
+    let sd = StateDir::new(&store);
+    let pid = sd.run_info().map(|r| r.pid).filter(|&p| sys::pid_alive(p));
+    umount(&mnt, lazy)?;
+    if lazy {
+        return Ok(());
+    }
+    if let Some(pid) = pid {
+        wait_exit(pid, &sd)?;
+    }
+    Ok(())
+}
+
+/// Unmounts; refuses while files are open, unless lazy.
+fn umount(mnt: &Path, lazy: bool) -> Result<()> {
+    let c = sys::cpath(mnt).at(mnt)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -468,15 +314,9 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
                     mnt.display()
                 )));
             }
-            Some(libc::EPERM) => fusermount_u(&mnt, lazy)?,
-            _ => return Err(e).at(&mnt),
+            Some(libc::EPERM) => fusermount_u(mnt, lazy)?,
+            _ => return Err(e).at(mnt),
         }
-    }
-    if lazy {
-        return Ok(());
-    }
-    if let Some(pid) = pid {
-        wait_exit(pid, &sd)?;
     }
     Ok(())
 }

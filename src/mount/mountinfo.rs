@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 
 pub const SOURCE_PREFIX: &str = "drfs:";
+/// The source of a `drfs browse` mount (followed by the replica).
+pub const BROWSE_PREFIX: &str = "drfs-browse:";
+/// The source of a `drfs test-failover` clone (followed by the replica).
+pub const CLONE_PREFIX: &str = "drfs-clone:";
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -63,9 +67,12 @@ pub fn at(mountpoint: &Path) -> Option<Entry> {
     all().into_iter().rfind(|e| e.mountpoint == mountpoint)
 }
 
-/// Whether the entry is a FUSE mount drfs made.
+/// Whether the entry is a FUSE mount drfs made (a store, a browse, a clone).
 pub fn is_drfs(e: &Entry) -> bool {
-    e.fstype.starts_with("fuse") && e.source.starts_with(SOURCE_PREFIX)
+    e.fstype.starts_with("fuse")
+        && [SOURCE_PREFIX, BROWSE_PREFIX, CLONE_PREFIX]
+            .iter()
+            .any(|p| e.source.starts_with(p))
 }
 
 /// Every drfs mount of `store`.

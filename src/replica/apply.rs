@@ -215,7 +215,7 @@ fn write_undo(r: &Replica, inc: &Incoming, plan: &Plan, from: &str) -> Result<()
             .tree
             .open_file(&paths[0], libc::O_RDONLY, 0)
             .at(&paths[0].under(&r.root))?;
-        w.save(*id, &src, runs, *old_size)?;
+        w.save(*id, &src, &r.hash_file(*id), runs, *old_size)?;
     }
     w.finish().map(drop)
 }
@@ -363,6 +363,11 @@ fn place(
         let undo_t = crate::replica::tree::Tree::open(&undo).at(&undo)?;
         for id in plan.deleted() {
             let name = hold_name(id);
+            let hp = r.hash_file(id);
+            if hp.exists() {
+                let to = crate::replica::undo::hash_path(&undo, id);
+                fs::rename(&hp, &to).at(&to)?;
+            }
             if hold.exists(&RelPath::from_bytes(name.as_bytes())) {
                 let dst = CString::new(format!("{id}.data")).unwrap_or_default();
                 sys::cvt(unsafe {
@@ -459,10 +464,35 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
     let bs = r.cfg.block_size;
     let mut buf = vec![0u8; bs as usize];
     let adopt = adopted(r, inc, plan)?;
+    let hdir = r.sd.path("hashes");
+    fs::create_dir_all(&hdir).at(&hdir)?;
     for (id, (paths, size)) in &plan.new_files {
         let p = &paths[0];
         let at = p.under(&r.root);
         let f = r.tree.open_file(p, libc::O_RDWR, 0).at(&at)?;
+        // A file without a hash index, whose blocks did not all travel (a seed), gets
+        // one from its content once its new blocks are in.
+        // (It appears only once complete, so a crash before then computes it again.)
+        let hp = r.hash_file(*id);
+        let compute = !hp.exists() && !adopt.contains(id);
+        if !compute {
+            let h = crate::replica::hashes::Hashes::open(&hp)?;
+            for run in inc.zero_runs(*id) {
+                h.zero(run[0], run[1])?;
+            }
+            for (b, s) in inc.confirmed(*id) {
+                h.set(
+                    b,
+                    if s.zero {
+                        &crate::replica::hashes::ZERO
+                    } else {
+                        &s.hash
+                    },
+                )?;
+            }
+            h.set_blocks(size.div_ceil(bs))?;
+            h.sync()?;
+        }
         if adopt.contains(id) {
             f.set_len(*size).at(&at)?;
             continue;
@@ -492,6 +522,9 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
             }
         }
         f.set_len(*size).at(&at)?;
+        if compute {
+            crate::replica::hashes::compute(&f, *size, bs, &hp)?;
+        }
         crate::fault::hit("apply:data-file");
     }
     syncfs(&r.root)

@@ -8,6 +8,7 @@
 //! and `hold/` (files in transit during an apply).
 
 pub mod apply;
+pub mod hashes;
 pub mod incoming;
 pub mod receive;
 pub mod retention;
@@ -125,6 +126,11 @@ impl Replica {
 
     pub fn undo_dir(&self, id: &str) -> PathBuf {
         self.point_dir(id).join("undo")
+    }
+
+    /// The block hashes of a file of the latest point.
+    pub fn hash_file(&self, id: crate::track::FileId) -> PathBuf {
+        hashes::path(&self.sd.path("hashes"), id)
     }
 
     pub fn policy(&self) -> Result<Policy> {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Error, Result};
+use crate::replica::hashes::Hashes;
 use crate::runs::{covers, minus, union};
 use crate::sys::{self, read_full};
 use crate::track::FileId;
@@ -46,6 +47,22 @@ pub struct UndoIndex {
 
 pub fn data_path(dir: &Path, id: FileId) -> PathBuf {
     dir.join(format!("{id}.data"))
+}
+
+/// The block hashes that go with `data_path` (see `hashes`).
+pub fn hash_path(dir: &Path, id: FileId) -> PathBuf {
+    dir.join(format!("{id}.hash"))
+}
+
+/// Copies the hash entries of `runs` from `src` (if it exists) to `dst`.
+fn copy_hashes(src: &Path, dst: &Path, runs: &[[u64; 2]]) -> Result<()> {
+    if !src.exists() || runs.is_empty() {
+        return Ok(());
+    }
+    let from = Hashes::open_ro(src)?;
+    let to = Hashes::open(dst)?;
+    from.copy_to(&to, runs)?;
+    to.sync()
 }
 
 impl UndoIndex {
@@ -130,8 +147,16 @@ impl UndoWriter {
         })
     }
 
-    /// Saves the current content of `runs` (blocks) of file `id` from `src`.
-    pub fn save(&mut self, id: FileId, src: &File, runs: Vec<[u64; 2]>, size: u64) -> Result<u64> {
+    /// Saves the current content of `runs` (blocks) of file `id` from `src`, with their
+    /// hash entries from the hash file `hashes`.
+    pub fn save(
+        &mut self,
+        id: FileId,
+        src: &File,
+        hashes: &Path,
+        runs: Vec<[u64; 2]>,
+        size: u64,
+    ) -> Result<u64> {
         let runs = union(runs);
         if runs.is_empty() {
             return Ok(0);
@@ -145,6 +170,7 @@ impl UndoWriter {
             .at(&p)?;
         let n = copy_blocks(src, &dst, &runs, self.bs, size).at(&p)?;
         dst.sync_all().at(&p)?;
+        copy_hashes(hashes, &hash_path(&self.tmp, id), &runs)?;
         let e = self.index.files.entry(id).or_default();
         e.blocks = union(e.blocks.iter().copied().chain(runs).collect());
         Ok(n)
@@ -187,9 +213,14 @@ pub fn merge(older: &Path, newer: &Path, bs: u64) -> Result<()> {
         match oi.files.get(id).cloned() {
             Some(of) if of.whole => {}
             None => {
-                if np.exists() {
-                    let _ = fs::remove_file(&op);
-                    fs::hard_link(&np, &op).at(&op)?;
+                for (o, n) in [
+                    (op.clone(), np.clone()),
+                    (hash_path(older, *id), hash_path(newer, *id)),
+                ] {
+                    if n.exists() {
+                        let _ = fs::remove_file(&o);
+                        fs::hard_link(&n, &o).at(&o)?;
+                    }
                 }
                 oi.files.insert(*id, nf.clone());
             }
@@ -201,30 +232,33 @@ pub fn merge(older: &Path, newer: &Path, bs: u64) -> Result<()> {
                     .write(true)
                     .open(&op)
                     .at(&op)?;
-                if nf.whole {
+                let (extra, size, merged) = if nf.whole {
                     let size = src.metadata().at(&np)?.len();
-                    let all = [[0, size.div_ceil(bs)]];
-                    copy_blocks(&src, &dst, &minus(&all, &of.blocks), bs, size).at(&op)?;
-                    oi.files.insert(
-                        *id,
+                    let extra = minus(&[[0, size.div_ceil(bs)]], &of.blocks);
+                    (
+                        extra,
+                        size,
                         UndoFile {
                             whole: true,
                             blocks: Vec::new(),
                         },
-                    );
+                    )
                 } else {
                     let extra = minus(&nf.blocks, &of.blocks);
-                    copy_blocks(&src, &dst, &extra, bs, u64::MAX).at(&op)?;
                     let blocks = union(of.blocks.iter().chain(&nf.blocks).copied().collect());
-                    oi.files.insert(
-                        *id,
+                    (
+                        extra,
+                        u64::MAX,
                         UndoFile {
                             whole: false,
                             blocks,
                         },
-                    );
-                }
+                    )
+                };
+                copy_blocks(&src, &dst, &extra, bs, size).at(&op)?;
+                copy_hashes(&hash_path(newer, *id), &hash_path(older, *id), &extra)?;
                 dst.sync_all().at(&op)?;
+                oi.files.insert(*id, merged);
             }
         }
     }
@@ -259,10 +293,12 @@ mod tests {
         let (older, newer) = (dir.path().join("old"), dir.path().join("new"));
         let src_a = dir.path().join("a");
         fs::write(&src_a, vec![1u8; 4 * 4096]).unwrap();
+        let nohash = dir.path().join("none");
         let mut w = UndoWriter::new(&older, bs).unwrap();
         w.save(
             FileId(1),
             &File::open(&src_a).unwrap(),
+            &nohash,
             vec![[0, 2]],
             4 * 4096,
         )
@@ -273,6 +309,7 @@ mod tests {
         w.save(
             FileId(1),
             &File::open(&src_a).unwrap(),
+            &nohash,
             vec![[1, 3]],
             4 * 4096,
         )
@@ -280,6 +317,7 @@ mod tests {
         w.save(
             FileId(2),
             &File::open(&src_a).unwrap(),
+            &nohash,
             vec![[0, 1]],
             4 * 4096,
         )
