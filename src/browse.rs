@@ -30,7 +30,17 @@ use crate::replica::{PointInfo, Replica};
 use crate::view::{PointFile, PointView};
 use crate::wire::{Entry, Kind};
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache names and attributes: a point never changes, but which
+/// points exist (and so `latest`, `by-time`) changes with every apply and retention run.
+const POINT_TTL: Duration = Duration::from_secs(3600);
+const LIVE_TTL: Duration = Duration::ZERO;
+
+fn ttl(n: &Node) -> &'static Duration {
+    match n {
+        Node::Entry(..) => &POINT_TTL,
+        _ => &LIVE_TTL,
+    }
+}
 const ROOT: u64 = 1;
 /// How many points' manifests stay loaded (open files keep theirs regardless).
 const VIEWS: usize = 64;
@@ -222,7 +232,11 @@ impl Browse {
             Node::Entry(id, i) => {
                 let v = self.view(id)?;
                 let e = v.manifest.entries.get(*i).ok_or(Errno::ENOENT)?;
-                entry_attr(ino, e, v.links(e))
+                let mut a = entry_attr(ino, e, v.links(e));
+                if e.kind == Kind::File {
+                    a.blocks = v.allocated(e).div_ceil(512);
+                }
+                a
             }
         })
     }
@@ -398,17 +412,20 @@ impl Filesystem for Browse {
             .and_then(|p| self.child(&p, name))
             .and_then(|c| {
                 let ino = self.id_of(c.clone());
-                self.attr(ino, &c)
+                Ok((self.attr(ino, &c)?, ttl(&c)))
             });
         match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, t)) => reply.entry(t, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.attr(ino.0, &n)) {
-            Ok(a) => reply.attr(&TTL, &a),
+        match self
+            .node(ino)
+            .and_then(|n| Ok((self.attr(ino.0, &n)?, ttl(&n))))
+        {
+            Ok((a, t)) => reply.attr(t, &a),
             Err(e) => reply.error(e),
         }
     }
@@ -529,8 +546,9 @@ impl Filesystem for Browse {
             _ => return reply.error(Errno::EINVAL),
         };
         match f.seek(offset.max(0) as u64, data) {
-            Some(o) => reply.offset(o as i64),
-            None => reply.error(Errno::ENXIO),
+            Ok(Some(o)) => reply.offset(o as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(Errno::from(e)),
         }
     }
 

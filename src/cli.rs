@@ -166,6 +166,10 @@ fn check_block_size(bs: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+fn behind(p: &std::path::Path) -> PathBuf {
+    crate::mount::mountinfo::behind(p)
+}
+
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Mount {
@@ -191,6 +195,13 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy)?,
         Cmd::Changes { store, path, json } => {
+            let mnt = store.canonicalize().unwrap_or_else(|_| store.clone());
+            let store = behind(&store);
+            // A path given under the mountpoint means the same file in the store.
+            let path = path.map(|p| match p.strip_prefix(&mnt) {
+                Ok(rel) if p.is_absolute() => store.join(rel),
+                _ => p,
+            });
             let c = crate::changes::collect(&store, path.as_deref())?;
             if json {
                 println!(
@@ -207,11 +218,11 @@ fn run(cli: Cli) -> Result<i32> {
             interval,
             keep,
             group,
-        } => crate::commands::protect(&store, &to, &interval, &keep, &group)?,
-        Cmd::Ship { store, resync } => return crate::commands::ship(&store, resync),
+        } => crate::commands::protect(&behind(&store), &to, &interval, &keep, &group)?,
+        Cmd::Ship { store, resync } => return crate::commands::ship(&behind(&store), resync),
         Cmd::Receive { replica } => return Ok(crate::commands::receive(&replica)),
         Cmd::Points { replica, json } => crate::commands::points(&replica, json)?,
-        Cmd::Status { path, json } => crate::commands::status(&path, json)?,
+        Cmd::Status { path, json } => crate::commands::status(&behind(&path), json)?,
         Cmd::Browse {
             replica,
             mountpoint,

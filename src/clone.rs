@@ -84,58 +84,68 @@ impl Content {
     /// Reads the unwritten bytes of overlay block `b` from the point (zeros past it).
     fn base_block(&self, b: u64, buf: &mut [u8]) -> std::io::Result<()> {
         buf.fill(0);
-        let off = b * OB;
-        if let Some(base) = &self.base {
-            if off < self.base_len {
-                let n = ((self.base_len - off).min(OB)) as usize;
-                base.read_at(&mut buf[..n], off)?;
-            }
-        }
-        Ok(())
+        self.read_base(buf, b * OB).map(|_| ())
     }
 
+    /// Reads the point's content at `pos` (what is left of it); returns the bytes read.
+    fn read_base(&self, chunk: &mut [u8], pos: u64) -> std::io::Result<usize> {
+        match &self.base {
+            Some(base) if pos < self.base_len => {
+                let n = ((self.base_len - pos) as usize).min(chunk.len());
+                base.read_at(&mut chunk[..n], pos)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Reads spans of blocks that are all written (from the overlay) or all not (from the
+    /// point): one read per span.
     fn read(&self, buf: &mut [u8], off: u64, size: u64) -> std::io::Result<usize> {
         let end = (off + buf.len() as u64).min(size);
         let mut pos = off;
-        let mut block = vec![0u8; OB as usize];
         while pos < end {
-            let b = pos / OB;
-            let stop = ((b + 1) * OB).min(end);
-            let (a, z) = ((pos - b * OB) as usize, (stop - b * OB) as usize);
-            if self.is_written(b) {
-                let n = match &self.overlay {
-                    Some(f) => crate::sys::read_full(f, &mut block, b * OB)?,
-                    None => 0,
-                };
-                block[n..].fill(0);
-            } else {
-                self.base_block(b, &mut block)?;
+            let written = self.is_written(pos / OB);
+            let mut stop = ((pos / OB + 1) * OB).min(end);
+            while stop < end && self.is_written(stop / OB) == written {
+                stop = ((stop / OB + 1) * OB).min(end);
             }
-            buf[(pos - off) as usize..(stop - off) as usize].copy_from_slice(&block[a..z]);
+            let chunk = &mut buf[(pos - off) as usize..(stop - off) as usize];
+            let got = match (&self.overlay, written) {
+                (Some(f), true) => crate::sys::read_full(f, chunk, pos)?,
+                (None, true) => 0,
+                (_, false) => self.read_base(chunk, pos)?,
+            };
+            chunk[got..].fill(0);
             pos = stop;
         }
         Ok(end.saturating_sub(off) as usize)
     }
 
+    /// Whole blocks go to the overlay in one write; a partial block is completed from
+    /// what it held first.
     fn write(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         let end = off + data.len() as u64;
         let mut pos = off;
         let mut block = vec![0u8; OB as usize];
         while pos < end {
             let b = pos / OB;
+            if pos % OB == 0 && end - pos >= OB {
+                let stop = end / OB * OB;
+                let whole = &data[(pos - off) as usize..(stop - off) as usize];
+                self.overlay()?.write_all_at(whole, pos)?;
+                (b..stop / OB).for_each(|x| self.mark(x));
+                pos = stop;
+                continue;
+            }
             let stop = ((b + 1) * OB).min(end);
             let (a, z) = ((pos - b * OB) as usize, (stop - b * OB) as usize);
-            if a == 0 && z == OB as usize {
-                block.copy_from_slice(&data[(pos - off) as usize..(stop - off) as usize]);
+            if self.is_written(b) {
+                let n = crate::sys::read_full(self.overlay()?, &mut block, b * OB)?;
+                block[n..].fill(0);
             } else {
-                if self.is_written(b) {
-                    let n = crate::sys::read_full(self.overlay()?, &mut block, b * OB)?;
-                    block[n..].fill(0);
-                } else {
-                    self.base_block(b, &mut block)?;
-                }
-                block[a..z].copy_from_slice(&data[(pos - off) as usize..(stop - off) as usize]);
+                self.base_block(b, &mut block)?;
             }
+            block[a..z].copy_from_slice(&data[(pos - off) as usize..(stop - off) as usize]);
             self.overlay()?.write_all_at(&block, b * OB)?;
             self.mark(b);
             pos = stop;

@@ -303,8 +303,26 @@ pub fn test_failover(
             crate::daemon::Ready::from_env(),
         )?);
     }
-    drop(crate::clone::lock(&r)?);
+    // Check everything before making anything.
     crate::view::PointView::open(&r, point)?;
+    let abs = crate::daemon::resolved(at)?;
+    if abs.starts_with(&r.root) {
+        bail!(
+            "--at {} is inside the replica {}",
+            abs.display(),
+            r.root.display()
+        );
+    }
+    if let Some(s) = crate::clone::running(&r) {
+        bail!(
+            "a test failover of {} is already running at {} (point {}); stop it with `drfs test-failover {} --stop`",
+            r.root.display(),
+            s.at.display(),
+            s.point,
+            r.root.display()
+        );
+    }
+    drop(crate::clone::lock(&r)?);
     if !at.exists() {
         std::fs::create_dir_all(at).with_context(|| at.display().to_string())?;
     }

@@ -160,6 +160,26 @@ pub fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(parent.canonicalize().at(parent)?.join(name))
 }
 
+/// `p` made absolute with its longest existing ancestor resolved (symlinks and all), for
+/// paths that may not exist yet.
+pub fn resolved(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p).at(p)?;
+    let mut base = abs.as_path();
+    let mut rest = Vec::new();
+    while std::fs::symlink_metadata(base).is_err() {
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                base = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut out = base.canonicalize().at(base)?;
+    out.extend(rest.iter().rev());
+    Ok(out)
+}
+
 /// Checks a mountpoint (an empty directory) and detaches a stale drfs mount left there
 /// by a daemon that died; returns its absolute path.
 pub fn mountpoint(p: &Path) -> Result<PathBuf> {

@@ -43,7 +43,7 @@ fn target(dest: &Path, e: &Entry, base: Option<&RelPath>) -> PathBuf {
 
 pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
     let view = PointView::open(r, o.point)?;
-    let dest = std::path::absolute(o.to).at(o.to)?;
+    let dest = crate::daemon::resolved(o.to)?;
     if dest.starts_with(&r.root) {
         return Err(Error::Invalid(format!(
             "{} is inside the replica {}: restore somewhere else",
@@ -69,10 +69,38 @@ pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
         .map(|e| e.size)
         .sum();
     let bar = (o.progress && std::io::stderr().is_terminal()).then(|| bar(total));
+    let fresh = fs::symlink_metadata(&dest).is_err();
+    let r = write_all(&view, &entries, &dest, o, bar.as_ref());
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if r.is_err() && fresh {
+        remove_fresh(&dest);
+    }
+    r
+}
+
+/// Removes a DEST this restore created, after a failure (never across a mount).
+fn remove_fresh(dest: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| fs::symlink_metadata(p).map(|m| m.dev()).ok();
+    let parent = dest.parent().and_then(dev);
+    if parent.is_some() && dev(dest) == parent {
+        let _ = fs::remove_dir_all(dest).or_else(|_| fs::remove_file(dest));
+    }
+}
+
+fn write_all(
+    view: &PointView,
+    entries: &[&Entry],
+    dest: &Path,
+    o: &RestoreOpts<'_>,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<Restored> {
     let mut done = Restored::default();
     let mut dirs = Vec::new();
-    for e in &entries {
-        let t = target(&dest, e, o.path);
+    for e in entries {
+        let t = target(dest, e, o.path);
         match e.kind {
             Kind::Dir => {
                 fs::create_dir_all(&t).at(&t)?;
@@ -82,7 +110,7 @@ pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
                 if let Some(p) = t.parent() {
                     fs::create_dir_all(p).at(p)?;
                 }
-                done.bytes += copy_file(&view, e, &t, o.force, bar.as_ref())?;
+                done.bytes += copy_file(view, e, &t, o.force, bar)?;
                 done.files += 1;
                 set_meta(&t, e)?;
             }
@@ -98,9 +126,6 @@ pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
     }
     for (t, e) in dirs.into_iter().rev() {
         set_meta(&t, e)?;
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
     }
     Ok(done)
 }
@@ -130,7 +155,11 @@ fn bar(total: u64) -> indicatif::ProgressBar {
 }
 
 /// Copies one file of the point, leaving holes where the point has holes or zeros, and
-/// checks every block against the BLAKE3 the primary sent for it.
+/// checks every block against the BLAKE3 the primary sent for it (a hole of the point
+/// against the index's zero entries, without reading it).
+/// The file is written under a temporary name and renamed into place once all of it
+/// checked out: a failed restore leaves nothing half-written (and, with `--force`, the old
+/// file as it was).
 fn copy_file(
     view: &PointView,
     e: &Entry,
@@ -138,49 +167,91 @@ fn copy_file(
     force: bool,
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<u64> {
-    let src = view.file(e)?;
-    let mut opts = OpenOptions::new();
-    opts.write(true).create(true);
-    if force {
-        opts.truncate(true);
-    } else {
-        opts.create_new(true);
+    if !force && fs::symlink_metadata(t).is_ok() {
+        return Err(Error::Invalid(format!(
+            "{} exists; use --force to overwrite it",
+            t.display()
+        )));
     }
-    let dst = opts.open(t).at(t)?;
+    let name = t.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = t.with_file_name(format!(".{name}.drfs-restore"));
+    let _ = fs::remove_file(&tmp);
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .at(&tmp)?;
+    match copy_into(view, e, &dst, t, bar) {
+        Ok(n) => {
+            fs::rename(&tmp, t).at(t)?;
+            Ok(n)
+        }
+        Err(err) => {
+            let _ = fs::remove_file(&tmp);
+            Err(err)
+        }
+    }
+}
+
+fn copy_into(
+    view: &PointView,
+    e: &Entry,
+    dst: &fs::File,
+    t: &Path,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<u64> {
+    let src = view.file(e)?;
     let bs = view.manifest.block_size;
+    let blocks = e.size.div_ceil(bs);
     let mut buf = vec![0u8; bs as usize];
     let mut written = 0;
-    let mut off = 0;
-    while off < e.size {
-        let b = off / bs;
-        let n = (e.size - off).min(bs) as usize;
-        let got = if src.is_hole(b) {
-            buf[..n].fill(0);
-            n
-        } else {
-            src.read_at(&mut buf[..n], off).at(t)?
-        };
-        let want = src.expected(b)?;
-        if want != Some(crate::replica::hashes::of(&buf[..got])) {
-            return Err(Error::Corrupt {
-                path: t.to_path_buf(),
-                why: format!(
-                    "block {b} of {} in point {} does not match its BLAKE3{}",
-                    e.path,
-                    view.info.id,
-                    if want.is_none() { " (none kept)" } else { "" }
-                ),
-            });
+    let mut b = 0;
+    let mut shown = 0;
+    let mut progress = |upto: u64| {
+        if let Some(p) = bar {
+            p.inc(upto.min(e.size) - shown);
+            shown = upto.min(e.size);
         }
-        if buf[..got].iter().any(|&x| x != 0) {
-            dst.write_all_at(&buf[..got], off).at(t)?;
-            written += got as u64;
+    };
+    let bad = |b: u64, why: &str| Error::Corrupt {
+        path: view.replica().to_path_buf(),
+        why: format!(
+            "block {b} of {} in point {} {why}; {} was not written",
+            e.path,
+            view.info.id,
+            t.display()
+        ),
+    };
+    while b < blocks {
+        // Blocks wholly before the next data are holes of the point.
+        let data = src.seek(b * bs, true).at(t)?.unwrap_or(e.size);
+        let first = (data / bs).max(b);
+        if let Some(x) = src.first_nonzero_entry(b, first.min(blocks)).at(t)? {
+            return Err(bad(x, "is a hole here but held data on the primary"));
         }
-        if let Some(b) = bar {
-            b.inc(n as u64);
+        b = first;
+        let hole = src.seek(b * bs, false).at(t)?.unwrap_or(e.size);
+        let end = hole.div_ceil(bs).max(b + 1).min(blocks);
+        while b < end {
+            let off = b * bs;
+            let n = (e.size - off).min(bs) as usize;
+            let (got, want) = src.read_checked(&mut buf[..n], b).at(t)?;
+            match want {
+                None => return Err(bad(b, "has no BLAKE3 kept")),
+                Some(w) if w != crate::replica::hashes::of(&buf[..got]) => {
+                    return Err(bad(b, "does not match its BLAKE3"));
+                }
+                Some(_) => {}
+            }
+            if buf[..got].iter().any(|&x| x != 0) {
+                dst.write_all_at(&buf[..got], off).at(t)?;
+                written += got as u64;
+            }
+            b += 1;
         }
-        off += n as u64;
+        progress(b * bs);
     }
+    progress(e.size);
     dst.set_len(e.size).at(t)?;
     dst.sync_all().at(t)?;
     Ok(written)

@@ -209,6 +209,8 @@ pub struct ReplicaStatus {
     pub latest: Option<PointInfo>,
     pub latest_age_s: Option<f64>,
     pub oldest: Option<PointInfo>,
+    /// The running test failover, if any.
+    pub test_failover: Option<crate::clone::Session>,
 }
 
 pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
@@ -241,6 +243,7 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
         latest_age_s: latest.as_ref().map(|p| (now - p.time_ns) as f64 / 1e9),
         latest,
         oldest: points.first().cloned(),
+        test_failover: crate::clone::running(r),
     })
 }
 
@@ -314,6 +317,15 @@ pub fn render_replica(s: &ReplicaStatus) -> String {
     }
     if let Some(p) = &s.oldest {
         o += &format!("oldest    {} at {}\n", p.id, p.time);
+    }
+    if let Some(t) = &s.test_failover {
+        o += &format!(
+            "test      point {} at {} since {} (stop: drfs test-failover {} --stop)\n",
+            t.point,
+            t.at.display(),
+            t.started,
+            s.path
+        );
     }
     o
 }

@@ -249,6 +249,12 @@ pub fn now_ns() -> i128 {
 }
 
 /// Whether a process with this pid exists.
+/// flock(2) on an open file.
+pub fn flock(f: &std::fs::File, op: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    cvt(unsafe { libc::flock(f.as_raw_fd(), op) }).map(|_| ())
+}
+
 pub fn pid_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }

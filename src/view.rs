@@ -8,8 +8,12 @@
 //! files a reader checks whether that record has appeared and, if it has, takes it in and
 //! reads again. Files a retention run deletes stay readable through the descriptors a
 //! reader holds.
+//!
+//! A reader pins its point (`Replica::pin`): retention keeps a point while any of its
+//! files is open and drops it at the first run after they are closed. Records of later
+//! points that retention merges into older ones are re-read when their index changes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -38,6 +42,8 @@ pub struct PointView {
     replica: PathBuf,
     /// Directory entries by parent, built on first use.
     children: Mutex<Option<Arc<Children>>>,
+    /// `allocated` answers, by file.
+    alloc: Mutex<HashMap<FileId, u64>>,
 }
 
 impl PointView {
@@ -55,7 +61,44 @@ impl PointView {
             bs: r.cfg.block_size,
             replica: r.root.clone(),
             children: Mutex::new(None),
+            alloc: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// About how many bytes the file of entry `e` occupies: what its sources (the
+    /// replica's file at its path, the undo records from this point on) have allocated,
+    /// at most its size. An estimate, for `du` and for `cp`'s sparse-file detection.
+    pub fn allocated(&self, e: &Entry) -> u64 {
+        let Some(id) = e.id else {
+            return 0;
+        };
+        if let Some(&a) = self.alloc.lock().get(&id) {
+            return a;
+        }
+        let a = self.estimate(e, id).unwrap_or(e.size).min(e.size);
+        self.alloc.lock().insert(id, a);
+        a
+    }
+
+    fn estimate(&self, e: &Entry, id: FileId) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let r = Replica::open_only(&self.replica)?;
+        let mut total = match r.tree.lstat(&e.path) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st.st_blocks as u64 * 512,
+            _ => 0,
+        };
+        for p in r.points()? {
+            if p.generation >= self.info.generation {
+                let data = data_path(&r.undo_dir(&p.id), id);
+                total += std::fs::metadata(&data).map_or(0, |m| m.blocks() * 512);
+            }
+        }
+        Ok(total)
+    }
+
+    /// The replica the point is on.
+    pub fn replica(&self) -> &std::path::Path {
+        &self.replica
     }
 
     pub fn block_size(&self) -> u64 {
@@ -111,6 +154,7 @@ impl PointView {
             size: e.size,
             bs: self.bs,
             from: self.info.generation,
+            _pin: r.pin(&self.info.id)?,
             replica: r,
             state: Mutex::new(Chain::default()),
         };
@@ -121,6 +165,7 @@ impl PointView {
 
 /// One layer a point's file reads from: an undo record's saved blocks.
 struct Layer {
+    generation: u64,
     file: UndoFile,
     data: File,
     hashes: Option<Hashes>,
@@ -128,8 +173,11 @@ struct Layer {
 
 #[derive(Default)]
 struct Chain {
+    /// Nearest first (by generation). Layers of records a retention run has since
+    /// removed stay: their open files hold blocks no other record may have.
     layers: Vec<Layer>,
-    loaded: BTreeSet<String>,
+    /// Undo records taken in: point id -> inode of its index when it was read.
+    seen: HashMap<String, u64>,
     latest: Option<File>,
     latest_hashes: Option<Hashes>,
     /// The undo directory whose appearance means the latest files are about to change.
@@ -144,6 +192,8 @@ pub struct PointFile {
     from: u64,
     replica: Replica,
     state: Mutex<Chain>,
+    /// Keeps the point from being pruned while the file is open.
+    _pin: File,
 }
 
 /// Where a block comes from.
@@ -154,33 +204,50 @@ enum Src {
     Zero,
 }
 
+/// The inode of an undo record's index: a retention run merging into the record writes a
+/// new one.
+fn index_ino(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join("index.json"))
+        .ok()
+        .map(|m| m.ino())
+}
+
 impl PointFile {
-    /// Takes in undo records that appeared since the last look (and, the first time, all
-    /// of them from this point on), and finds the latest file.
+    /// Takes in undo records that appeared or changed since the last look (and, the
+    /// first time, all of them from this point on), and finds the latest file. Runs under
+    /// the replica's shared prune lock, so no merge is half done meanwhile.
     fn refresh(&self) -> Result<()> {
-        let mut c = self.state.lock();
         let r = &self.replica;
+        let _lock = r.prune_lock(libc::LOCK_SH)?;
+        let mut c = self.state.lock();
         let latest = r.latest()?;
         for p in r.points()? {
-            if p.generation < self.from || c.loaded.contains(&p.id) {
+            if p.generation < self.from {
                 continue;
             }
             let dir = r.undo_dir(&p.id);
-            if !dir.exists() {
+            let Some(ino) = index_ino(&dir) else {
+                continue;
+            };
+            if c.seen.get(&p.id) == Some(&ino) {
                 continue;
             }
+            c.layers.retain(|l| l.generation != p.generation);
             let idx = UndoIndex::load(&dir)?;
             if let Some(f) = idx.files.get(&self.id) {
                 let dp = data_path(&dir, self.id);
                 let hp = hash_path(&dir, self.id);
                 c.layers.push(Layer {
+                    generation: p.generation,
                     file: f.clone(),
                     data: File::open(&dp).at(&dp)?,
                     hashes: Hashes::open_ro(&hp).ok(),
                 });
             }
-            c.loaded.insert(p.id.clone());
+            c.seen.insert(p.id.clone(), ino);
         }
+        c.layers.sort_by_key(|l| l.generation);
         if c.latest.is_none() {
             if let Some(l) = &latest {
                 let m = r.manifest(&l.id)?;
@@ -204,47 +271,73 @@ impl PointFile {
         }
         let c = self.state.lock();
         let undo = self.replica.undo_dir(cur);
-        (c.watch.as_ref() != Some(&undo)) || (undo.exists() && !c.loaded.contains(cur))
+        (c.watch.as_ref() != Some(&undo)) || (undo.exists() && !c.seen.contains_key(cur))
     }
 
     fn source(c: &Chain, b: u64) -> Src {
-        match c.layers.iter().position(|l| l.file.has(b)) {
-            Some(i) => Src::Layer(i),
-            None if c.latest.is_some() => Src::Latest,
-            None => Src::Zero,
+        Self::span(c, b, b + 1).0
+    }
+
+    /// Where block `b` comes from, and the first block after it (at most `limit`) whose
+    /// source may differ: the nearest layer wins, so each layer before the one holding
+    /// `b` cuts the span where its own next run starts.
+    fn span(c: &Chain, b: u64, limit: u64) -> (Src, u64) {
+        let mut end = limit;
+        for (i, l) in c.layers.iter().enumerate() {
+            if l.file.whole {
+                return (Src::Layer(i), end);
+            }
+            let runs = &l.file.blocks;
+            match runs.get(runs.partition_point(|r| r[1] <= b)) {
+                Some(r) if r[0] <= b => return (Src::Layer(i), end.min(r[1])),
+                Some(r) => end = end.min(r[0]),
+                None => {}
+            }
+        }
+        let src = if c.latest.is_some() {
+            Src::Latest
+        } else {
+            Src::Zero
+        };
+        (src, end)
+    }
+
+    fn file_of(c: &Chain, src: Src) -> Option<&File> {
+        match src {
+            Src::Layer(i) => Some(&c.layers[i].data),
+            Src::Latest => c.latest.as_ref(),
+            Src::Zero => None,
         }
     }
 
     /// Reads at `off` into `buf` (short only at the end of the file).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.consistent(|c| self.read_in(c, buf, off))
+    }
+
+    /// Runs `f` over the chain until no apply started meanwhile (see the module notes).
+    fn consistent<T>(&self, mut f: impl FnMut(&Chain) -> io::Result<T>) -> io::Result<T> {
         loop {
-            let n = self.read_once(buf, off)?;
+            let v = f(&self.state.lock())?;
             if !self.stale() {
-                return Ok(n);
+                return Ok(v);
             }
             self.refresh().map_err(io::Error::other)?;
         }
     }
 
-    fn read_once(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        let c = self.state.lock();
+    fn read_in(&self, c: &Chain, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let end = (off + buf.len() as u64).min(self.size);
+        let blocks = self.size.div_ceil(self.bs);
         let mut pos = off;
         while pos < end {
-            let src = Self::source(&c, pos / self.bs);
-            // Extend over following blocks with the same source: one read.
-            let mut stop = ((pos / self.bs + 1) * self.bs).min(end);
-            while stop < end && Self::source(&c, stop / self.bs) == src {
-                stop = ((stop / self.bs + 1) * self.bs).min(end);
-            }
+            // One read per span of blocks with the same source.
+            let (src, next) = Self::span(c, pos / self.bs, blocks);
+            let stop = (next * self.bs).min(end);
             let chunk = &mut buf[(pos - off) as usize..(stop - off) as usize];
-            let got = match src {
-                Src::Layer(i) => read_full(&c.layers[i].data, chunk, pos)?,
-                Src::Latest => c
-                    .latest
-                    .as_ref()
-                    .map_or(Ok(0), |f| read_full(f, chunk, pos))?,
-                Src::Zero => 0,
+            let got = match Self::file_of(c, src) {
+                Some(f) => read_full(f, chunk, pos)?,
+                None => 0,
             };
             chunk[got..].fill(0);
             pos = stop;
@@ -252,47 +345,91 @@ impl PointFile {
         Ok(end.saturating_sub(off) as usize)
     }
 
-    /// The BLAKE3 the primary sent for block `b` (`ZERO` for a zero block); None where no
-    /// hash is kept.
-    pub fn expected(&self, b: u64) -> Result<Option<[u8; 32]>> {
-        let c = self.state.lock();
-        let h = match Self::source(&c, b) {
-            Src::Layer(i) => c.layers[i].hashes.as_ref(),
-            Src::Latest => c.latest_hashes.as_ref(),
-            Src::Zero => return Ok(Some(ZERO)),
-        };
-        h.map(|h| h.get(b)).transpose()
+    /// Reads block `b` into `buf` together with the BLAKE3 entry the primary sent for it
+    /// (`ZERO` for a zero block; None where no hash is kept), both from the same sources.
+    pub fn read_checked(&self, buf: &mut [u8], b: u64) -> io::Result<(usize, Option<[u8; 32]>)> {
+        self.consistent(|c| {
+            let n = self.read_in(c, buf, b * self.bs)?;
+            let h = match Self::hashes_of(c, Self::source(c, b)) {
+                Ok(Some(h)) => Some(h.get(b).map_err(io::Error::other)?),
+                Ok(None) => None,
+                Err(z) => Some(z),
+            };
+            Ok((n, h))
+        })
     }
 
-    /// Whether block `b` is a hole (reads as zeros) without reading it.
-    pub fn is_hole(&self, b: u64) -> bool {
-        let c = self.state.lock();
-        let f = match Self::source(&c, b) {
-            Src::Layer(i) => &c.layers[i].data,
-            Src::Latest => match &c.latest {
-                Some(f) => f,
-                None => return true,
-            },
-            Src::Zero => return true,
-        };
-        let off = b * self.bs;
-        sys::lseek(f.as_raw_fd(), off as i64, libc::SEEK_DATA)
-            .map_or(true, |d| d as u64 >= off + self.bs)
+    /// The hash index of a source; `Err(ZERO)` for a source that is all zeros.
+    fn hashes_of(c: &Chain, src: Src) -> std::result::Result<Option<&Hashes>, [u8; 32]> {
+        match src {
+            Src::Layer(i) => Ok(c.layers[i].hashes.as_ref()),
+            Src::Latest => Ok(c.latest_hashes.as_ref()),
+            Src::Zero => Err(ZERO),
+        }
+    }
+
+    /// The first block in `a..z` whose entry is not the zero block's (or that has no
+    /// entry): for checking that a hole of the point was a hole or zeros on the primary.
+    pub fn first_nonzero_entry(&self, a: u64, z: u64) -> io::Result<Option<u64>> {
+        const CHUNK: u64 = 2048;
+        let mut buf = vec![0u8; (CHUNK * ENTRY) as usize];
+        self.consistent(|c| {
+            let mut b = a;
+            while b < z {
+                let (src, next) = Self::span(c, b, z);
+                let h = match Self::hashes_of(c, src) {
+                    Err(_) => {
+                        b = next;
+                        continue;
+                    }
+                    Ok(None) => return Ok(Some(b)),
+                    Ok(Some(h)) => h,
+                };
+                while b < next {
+                    let n = (next - b).min(CHUNK);
+                    let part = &mut buf[..(n * ENTRY) as usize];
+                    h.read_entries(b, part).map_err(io::Error::other)?;
+                    if let Some(k) = part.chunks(ENTRY as usize).position(|e| e != ZERO) {
+                        return Ok(Some(b + k as u64));
+                    }
+                    b += n;
+                }
+            }
+            Ok(None)
+        })
     }
 
     /// SEEK_DATA / SEEK_HOLE over the point's content: the next offset at or after `off`
     /// that is data (`data`) or a hole; None past the end (ENXIO).
-    pub fn seek(&self, off: u64, data: bool) -> Option<u64> {
-        if off >= self.size {
-            return None;
-        }
+    pub fn seek(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
+        self.consistent(|c| Ok(self.seek_in(c, off, data)))
+    }
+
+    /// One span at a time, asking the span's source file (one lseek per span, so a
+    /// mostly empty 1 TiB disk answers at once).
+    fn seek_in(&self, c: &Chain, off: u64, data: bool) -> Option<u64> {
         let blocks = self.size.div_ceil(self.bs);
-        let mut b = off / self.bs;
-        while b < blocks {
-            if self.is_hole(b) != data {
-                return Some((b * self.bs).max(off));
+        let whence = if data {
+            libc::SEEK_DATA
+        } else {
+            libc::SEEK_HOLE
+        };
+        let mut pos = off;
+        while pos < self.size {
+            let (src, next) = Self::span(c, pos / self.bs, blocks);
+            let stop = (next * self.bs).min(self.size);
+            let found = match Self::file_of(c, src) {
+                // ENXIO: past the source's end, which reads as a hole.
+                Some(f) => match sys::lseek(f.as_raw_fd(), pos as i64, whence) {
+                    Ok(o) => Some(o as u64),
+                    Err(_) => (!data).then_some(pos),
+                },
+                None => (!data).then_some(pos),
+            };
+            if let Some(o) = found.filter(|&o| o < stop) {
+                return Some(o);
             }
-            b += 1;
+            pos = stop;
         }
         // Every file ends in a hole at its size.
         (!data).then_some(self.size)

@@ -75,6 +75,18 @@ pub fn is_drfs(e: &Entry) -> bool {
             .any(|p| e.source.starts_with(p))
 }
 
+/// The store behind `path` when a drfs store is mounted at `path` (operators naturally name
+/// the mountpoint); otherwise `path` itself.
+pub fn behind(path: &Path) -> PathBuf {
+    let Ok(canon) = path.canonicalize() else {
+        return path.to_path_buf();
+    };
+    at(&canon)
+        .filter(is_drfs)
+        .and_then(|e| e.store())
+        .unwrap_or(canon)
+}
+
 /// Every drfs mount of `store`.
 pub fn of_store(store: &Path) -> Vec<Entry> {
     all()

@@ -75,6 +75,14 @@ impl Hashes {
         Ok(h)
     }
 
+    /// Reads the entries of blocks `b..` into `buf` (a multiple of 32 bytes; zeros past
+    /// the end of the index).
+    pub fn read_entries(&self, b: u64, buf: &mut [u8]) -> Result<()> {
+        let n = read_full(&self.f, buf, b * ENTRY).at(&self.p)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
     /// Sizes the index for a file of `blocks` blocks.
     pub fn set_blocks(&self, blocks: u64) -> Result<()> {
         self.f.set_len(blocks * ENTRY).at(&self.p)

@@ -15,6 +15,8 @@ pub mod retention;
 pub mod tree;
 pub mod undo;
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -199,16 +201,23 @@ impl Replica {
     /// with its undo record; an intermediate one has its record merged into the previous
     /// point's. The latest files are never touched. Returns the dropped ids.
     pub fn prune(&self, now_ns: i64) -> Result<Vec<String>> {
+        // Readers take in undo records under the shared lock: no merge runs meanwhile.
+        let _lock = self.prune_lock(libc::LOCK_EX)?;
         let points = self.points()?;
         let times: Vec<i64> = points.iter().map(|p| p.time_ns).collect();
         let keep = self.policy()?.keep(&times, now_ns);
         let mut dropped = Vec::new();
         let mut older: Option<&PointInfo> = None;
         for (i, p) in points.iter().enumerate() {
-            if keep.contains(&i) {
+            let kept = keep.contains(&i);
+            let lock = if kept { None } else { self.unpinned(&p.id)? };
+            let Some(_lock) = lock else {
+                if !kept {
+                    tracing::info!("keeping point {}: a reader has it open", p.id);
+                }
                 older = Some(p);
                 continue;
-            }
+            };
             if let Some(o) = older {
                 undo::merge(
                     &self.undo_dir(&o.id),
@@ -224,5 +233,56 @@ impl Replica {
             dropped.push(p.id.clone());
         }
         Ok(dropped)
+    }
+
+    /// `.drfs/prune.lock`, flocked with `op`; None where it cannot be opened (a replica
+    /// on a read-only filesystem, which no retention run can change either).
+    pub fn prune_lock(&self, op: i32) -> Result<Option<File>> {
+        let p = self.sd.path("prune.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .or_else(|_| File::open(&p));
+        let Ok(f) = f else {
+            return Ok(None);
+        };
+        sys::flock(&f, op).at(&p)?;
+        Ok(Some(f))
+    }
+
+    /// Pins point `id` for a reader: its record is not pruned while the returned file is
+    /// open (a shared flock on its `point.json`).
+    pub fn pin(&self, id: &str) -> Result<File> {
+        let p = self.point_dir(id).join("point.json");
+        let gone = || {
+            Error::Invalid(format!(
+                "point {id} is no longer on {}",
+                self.root.display()
+            ))
+        };
+        let f = File::open(&p).map_err(|_| gone())?;
+        sys::flock(&f, libc::LOCK_SH).at(&p)?;
+        // A retention run may have removed it between the open and the lock.
+        let same = std::fs::metadata(&p)
+            .ok()
+            .zip(f.metadata().ok())
+            .is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev());
+        if !same {
+            return Err(gone());
+        }
+        Ok(f)
+    }
+
+    /// The exclusive lock on point `id` that removing it needs; None while it is pinned.
+    fn unpinned(&self, id: &str) -> Result<Option<File>> {
+        let p = self.point_dir(id).join("point.json");
+        let f = File::open(&p).at(&p)?;
+        match sys::flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(f)),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(e).at(&p),
+        }
     }
 }

@@ -111,6 +111,9 @@ pub struct Fixture {
     pub root: PathBuf,
     pub store: PathBuf,
     pub mnt: PathBuf,
+    /// Further mounts the test made (browse, test failover, loop mounts), released in
+    /// reverse order before the store's.
+    extra: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Fixture {
@@ -125,7 +128,24 @@ impl Fixture {
         let (store, mnt) = (root.join("store"), root.join("mnt"));
         std::fs::create_dir(&store).expect("store dir");
         std::fs::create_dir(&mnt).expect("mnt dir");
-        Fixture { root, store, mnt }
+        Fixture {
+            root,
+            store,
+            mnt,
+            extra: Default::default(),
+        }
+    }
+
+    /// Makes directory `rel` under the fixture root and registers it as a mountpoint the
+    /// guard releases.
+    pub fn mountpoint(&self, rel: &str) -> PathBuf {
+        let p = self.root.join(rel);
+        std::fs::create_dir_all(&p).expect("mountpoint dir");
+        self.extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p.clone());
+        p
     }
 
     pub fn mount(&self, extra: &[&str]) {
@@ -192,30 +212,47 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = Command::new(BIN).arg("unmount").arg(&self.mnt).output();
+/// Unmounts whatever is at `mnt` (a drfs mount through `drfs unmount`, anything else
+/// lazily) and waits for drfs daemons serving it to end.
+pub fn release(mnt: &Path) {
+    for _ in 0..4 {
+        if !is_mounted(mnt) {
+            break;
         }
-        if is_mounted(&self.mnt) {
-            let c = std::ffi::CString::new(self.mnt.as_os_str().as_bytes()).unwrap_or_default();
+        let _ = Command::new(BIN).arg("unmount").arg(mnt).output();
+        if is_mounted(mnt) {
+            let c = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap_or_default();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             let _ = Command::new("fusermount3")
                 .args(["-u", "-z", "-q"])
-                .arg(&self.mnt)
+                .arg(mnt)
                 .status();
         }
-        for pid in daemons_of(&self.mnt) {
-            if !wait_gone(pid, Duration::from_secs(5)) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                wait_gone(pid, Duration::from_secs(5));
-            }
+    }
+    for pid in daemons_of(mnt) {
+        if !wait_gone(pid, Duration::from_secs(5)) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_gone(pid, Duration::from_secs(5));
         }
-        if is_mounted(&self.mnt) {
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let mut all: Vec<PathBuf> = self
+            .extra
+            .lock()
+            .map(|v| v.iter().rev().cloned().collect())
+            .unwrap_or_default();
+        all.push(self.mnt.clone());
+        for m in &all {
+            release(m);
+        }
+        if let Some(m) = all.iter().find(|m| is_mounted(m)) {
             eprintln!(
                 "leaving {} in place: {} is still mounted",
                 self.root.display(),
-                self.mnt.display()
+                m.display()
             );
             return;
         }

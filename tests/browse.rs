@@ -1,0 +1,795 @@
+//! Recovery points as files: `drfs browse` shows every point byte-identical to a copy of
+//! the primary taken at its cut (listings, owners, modes, mtimes, holes), item-level
+//! restore from a guest ext4 image of a point, reads and a test failover while cycles
+//! keep applying, a point pruned while open, `drfs restore` (exact, sparse, verified,
+//! progress on a terminal) and bad input.
+
+mod common;
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::rep::*;
+use common::*;
+
+const M: u64 = 1 << 20;
+
+fn qemu_io(fmt: &str, cmds: &[&str], img: &Path) {
+    let mut c = Command::new(need("qemu-io"));
+    c.args(["-f", fmt, "-t", "none"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    ok(c.arg(img));
+}
+
+/// Writes `len` random bytes at `off` of `p` (through whatever is mounted there).
+fn random_at(p: &Path, off: u64, len: u64) {
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64k seek={} count={} conv=notrunc status=none",
+        p.display(),
+        off / 65536,
+        len / 65536
+    ));
+}
+
+/// The data extents of a file, by SEEK_DATA / SEEK_HOLE.
+fn extents(p: &Path) -> Vec<(u64, u64)> {
+    let f = fs::File::open(p).unwrap();
+    let size = f.metadata().unwrap().len();
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut off = 0i64;
+    while (off as u64) < size {
+        let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if d < 0 {
+            break;
+        }
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        assert!(h > d, "{}: SEEK_HOLE {h} after data at {d}", p.display());
+        out.push((d as u64, h as u64));
+        off = h;
+    }
+    out
+}
+
+/// Every entry under `dir` with what a point must keep: type, mode, owner, size, mtime
+/// (seconds), symlink target.
+fn meta(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() == ".drfs" {
+                continue;
+            }
+            let p = e.path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            let target = fs::read_link(&p).map_or(String::new(), |t| t.display().to_string());
+            let size = if m.is_dir() { 0 } else { m.len() };
+            out.push(format!(
+                "{rel} {:o} {}:{} {size} {} {target}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime()
+            ));
+            if m.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn browse(r: &Rep, at: &Path) {
+    ok(drfs().arg("browse").arg(&r.replica).arg(at));
+    assert!(
+        is_mounted(at),
+        "drfs browse returned but nothing is mounted"
+    );
+}
+
+fn point_of_latest(br: &Path) -> String {
+    fs::read_link(br.join("latest"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+#[test]
+fn every_point_reads_as_the_primary_did_at_its_cut() {
+    let r = Rep::new("browse", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    // Round 1: a qcow2 disk, a sparse raw disk, small files, a symlink, an empty folder.
+    fs::create_dir(f.m("vm1")).unwrap();
+    fs::create_dir(f.m("vm1/empty")).unwrap();
+    let qcow = f.m("vm1/disk.qcow2");
+    ok(Command::new(need("qemu-img"))
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("256M"));
+    qemu_io(
+        "qcow2",
+        &["write -P 0x11 0 4M", "write -P 0x22 100M 1M"],
+        &qcow,
+    );
+    let sparse = f.m("vm1/sparse.raw");
+    fs::File::create(&sparse).unwrap().set_len(1 << 30).unwrap();
+    for off in [64 * M, 512 * M, 1000 * M] {
+        random_at(&sparse, off, M);
+    }
+    fs::write(f.m("vm1/notes.txt"), b"first notes\n").unwrap();
+    fs::set_permissions(f.m("vm1/notes.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(f.m("vm1/notes.txt"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::symlink("sparse.raw", f.m("vm1/current")).unwrap();
+    random_at(&f.m("vm1/gone.raw"), 0, M);
+    random_at(&f.m("vm1/shrink.raw"), 0, 4 * M);
+    let p1 = r.ship();
+
+    // Browse from here on: later points must appear while it is mounted.
+    let br = f.mountpoint("browse");
+    browse(&r, &br);
+    assert_eq!(point_of_latest(&br), format!("points/{p1}"));
+
+    // Round 2: punch a hole, new data, delete, rename, truncate, a new file, qcow2 writes.
+    sh(&format!(
+        "fallocate -p -o {} -l {} {}",
+        64 * M,
+        M,
+        sparse.display()
+    ));
+    random_at(&sparse, 300 * M, M);
+    fs::remove_file(f.m("vm1/gone.raw")).unwrap();
+    fs::rename(f.m("vm1/notes.txt"), f.m("vm1/notes-renamed.txt")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f.m("vm1/shrink.raw"))
+        .unwrap()
+        .set_len(1_500_000)
+        .unwrap();
+    random_at(&f.m("vm1/late.raw"), 0, 3 * M);
+    qemu_io("qcow2", &["write -P 0x33 2M 4M"], &qcow);
+    let p2 = r.ship();
+
+    // Round 3: grow what was truncated, rewrite what was punched, folders come and go.
+    random_at(&f.m("vm1/shrink.raw"), 6 * M, M);
+    random_at(&sparse, 64 * M, 2 * M);
+    fs::remove_dir(f.m("vm1/empty")).unwrap();
+    fs::create_dir(f.m("vm2")).unwrap();
+    fs::write(f.m("vm2/x.txt"), b"x").unwrap();
+    let p3 = r.ship();
+
+    // Every point: the same tree, the same metadata, the same bytes, the same holes.
+    let listed: Vec<String> = fs::read_dir(br.join("points"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for p in [&p1, &p2, &p3] {
+        assert!(listed.contains(p), "point {p} not in {listed:?}");
+        let (want, got) = (r.snaps.join(p), br.join("points").join(p));
+        same_tree(&want, &got, &format!("browse point {p}"));
+        assert_eq!(meta(&want), meta(&got), "metadata of point {p}");
+        for rel in ["vm1/sparse.raw", "vm1/shrink.raw"] {
+            assert_eq!(
+                extents(&want.join(rel)),
+                extents(&got.join(rel)),
+                "holes of {rel} in point {p}"
+            );
+        }
+        ok(Command::new(need("qemu-img"))
+            .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
+            .arg(want.join("vm1/disk.qcow2"))
+            .arg(got.join("vm1/disk.qcow2")));
+    }
+    // The holes are what the primary had, point by point (1 MiB pieces of 1 GiB).
+    let map = |p: &str| extents(&br.join("points").join(p).join("vm1/sparse.raw"));
+    assert_eq!(
+        map(&p1),
+        vec![(64 * M, 65 * M), (512 * M, 513 * M), (1000 * M, 1001 * M)]
+    );
+    assert_eq!(
+        map(&p2),
+        vec![(300 * M, 301 * M), (512 * M, 513 * M), (1000 * M, 1001 * M)]
+    );
+    // latest and by-time name the newest point; by-time names every point.
+    assert_eq!(point_of_latest(&br), format!("points/{p3}"));
+    let mut by_time = Vec::new();
+    for day in fs::read_dir(br.join("by-time")).unwrap() {
+        for l in fs::read_dir(day.unwrap().path()).unwrap() {
+            let t = fs::read_link(l.unwrap().path()).unwrap();
+            by_time.push(t.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    by_time.sort();
+    assert_eq!(by_time, vec![p1.clone(), p2.clone(), p3.clone()]);
+    // The browse is read-only.
+    let w = fs::OpenOptions::new()
+        .write(true)
+        .open(br.join("points").join(&p1).join("vm1/late.raw"));
+    assert!(w.is_err(), "a point opened for writing");
+    assert!(fs::write(br.join("points").join(&p3).join("new"), b"x").is_err());
+}
+
+/// Runs `f` with guest ext4 image `img` loop-mounted read-write at `at`, then unmounts.
+fn in_guest(img: &Path, at: &Path, f: impl FnOnce(&Path)) {
+    ok(Command::new("mount").arg("-o").arg("loop").arg(img).arg(at));
+    f(at);
+    ok(Command::new("umount").arg(at));
+}
+
+fn mount_ro(img: &Path, at: &Path) -> Output {
+    Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(img)
+        .arg(at)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn single_files_come_back_from_a_guest_filesystem_of_a_point() {
+    need("mkfs.ext4");
+    let r = Rep::new("item", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    let img = f.m("guest.img");
+    fs::File::create(&img).unwrap().set_len(64 * M).unwrap();
+    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&img));
+    let guest = f.mountpoint("guest");
+    let conf = |g: &Path| g.join("etc/app.conf");
+    in_guest(&img, &guest, |g| {
+        fs::create_dir(g.join("etc")).unwrap();
+        fs::write(conf(g), b"version one\n").unwrap();
+    });
+    let p1 = r.ship();
+    in_guest(&img, &guest, |g| {
+        fs::write(conf(g), b"version two\n").unwrap()
+    });
+    let p2 = r.ship();
+    in_guest(&img, &guest, |g| fs::remove_file(conf(g)).unwrap());
+    let p3 = r.ship();
+    // A crash-consistent point: the guest filesystem is mounted (dirty) at the cut.
+    ok(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&img)
+        .arg(&guest));
+    fs::write(guest.join("etc/late.conf"), b"written while mounted\n").unwrap();
+    sh("sync");
+    let p4 = r.ship();
+    ok(Command::new("umount").arg(&guest));
+
+    let br = f.mountpoint("browse");
+    browse(&r, &br);
+    let item = f.mountpoint("item");
+    for (p, want) in [
+        (&p1, Some("version one\n")),
+        (&p2, Some("version two\n")),
+        (&p3, None),
+    ] {
+        let out = mount_ro(&br.join("points").join(p).join("guest.img"), &item);
+        assert!(
+            out.status.success(),
+            "ro,loop mount of point {p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = fs::read_to_string(conf(&item)).ok();
+        ok(Command::new("umount").arg(&item));
+        assert_eq!(got.as_deref(), want, "app.conf in point {p}");
+    }
+    // A dirty guest filesystem needs its journal replayed: in a test failover clone,
+    // which takes the writes and leaves the point as it was.
+    let tf = f.mountpoint("failover");
+    ok(drfs()
+        .arg("test-failover")
+        .arg(&r.replica)
+        .args(["--point", &p4, "--at"])
+        .arg(&tf));
+    in_guest(&tf.join("guest.img"), &item, |g| {
+        assert_eq!(
+            fs::read_to_string(g.join("etc/late.conf")).unwrap(),
+            "written while mounted\n"
+        );
+    });
+    ok(drfs().arg("test-failover").arg(&r.replica).arg("--stop"));
+    assert!(!is_mounted(&tf));
+    let diff = Command::new("cmp")
+        .arg(br.join("points").join(&p4).join("guest.img"))
+        .arg(r.snaps.join(&p4).join("guest.img"))
+        .output()
+        .unwrap();
+    assert!(diff.status.success(), "the clone changed point {p4}");
+}
+
+/// Reads `p` with O_DIRECT (past the page cache, so every pass reaches the daemon) and
+/// compares it with `want`.
+fn direct_equals(p: &Path, want: &Path) -> bool {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; dd if={} iflag=direct bs=1M status=none | cmp -s - {}",
+            p.display(),
+            want.display()
+        ))
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn reads_and_a_test_failover_stay_right_while_cycles_apply() {
+    let r = Rep::new("busy", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    random_at(&disk, 0, 64 * M);
+    let qcow = f.m("vm.qcow2");
+    ok(Command::new(need("qemu-img"))
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("64M"));
+    qemu_io("qcow2", &["write -P 0x44 0 8M"], &qcow);
+    let p1 = r.ship();
+    let br = f.mountpoint("browse");
+    browse(&r, &br);
+    let tf = f.mountpoint("failover");
+    ok(drfs()
+        .arg("test-failover")
+        .arg(&r.replica)
+        .args(["--point", &p1, "--at"])
+        .arg(&tf));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let passes = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, passes) = (stop.clone(), passes.clone());
+        let (got, want) = (
+            br.join("points").join(&p1).join("disk.raw"),
+            r.snaps.join(&p1).join("disk.raw"),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if !direct_equals(&got, &want) {
+                    return Err(format!(
+                        "pass {}: point read wrong",
+                        passes.load(Ordering::Relaxed)
+                    ));
+                }
+                passes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let writer = {
+        let (stop, img, qimg) = (stop.clone(), tf.join("disk.raw"), tf.join("vm.qcow2"));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 32 {
+                qemu_io(
+                    "raw",
+                    &[&format!("write -P 0x5a {} 1M", (i % 32) * 2 * M)],
+                    &img,
+                );
+                qemu_io(
+                    "qcow2",
+                    &[&format!("write -P 0x66 {} 1M", 16 * M + i * M)],
+                    &qimg,
+                );
+                i += 1;
+            }
+            i
+        })
+    };
+    let mut points = vec![p1.clone()];
+    for round in 0..6u64 {
+        for k in 0..8 {
+            random_at(&disk, ((round * 13 + k * 7) % 64) * M, M);
+        }
+        qemu_io(
+            "qcow2",
+            &[&format!("write -P 0x{:02x} {}M 1M", 0x70 + round, round)],
+            &qcow,
+        );
+        let p = r.ship();
+        assert!(
+            br.join("points").join(&p).exists(),
+            "new point {p} did not appear in the browse"
+        );
+        assert!(direct_equals(
+            &br.join("points").join(&p).join("disk.raw"),
+            &r.snaps.join(&p).join("disk.raw")
+        ));
+        points.push(p);
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap().unwrap();
+    let writes = writer.join().unwrap();
+    assert!(
+        passes.load(Ordering::Relaxed) > 0,
+        "the reader never finished a pass"
+    );
+
+    // The clone: the point plus exactly its own writes; qemu still reads its qcow2.
+    let mut want = fs::read(r.snaps.join(&p1).join("disk.raw")).unwrap();
+    for i in 0..writes.min(32) {
+        let o = ((i % 32) * 2 * M) as usize;
+        want[o..o + M as usize].fill(0x5a);
+    }
+    assert!(
+        fs::read(tf.join("disk.raw")).unwrap() == want,
+        "clone disk.raw is wrong"
+    );
+    ok(Command::new(need("qemu-img"))
+        .arg("check")
+        .arg(tf.join("vm.qcow2")));
+    qemu_io("qcow2", &["read -P 0x44 0 8M"], &tf.join("vm.qcow2"));
+    if writes > 0 {
+        qemu_io("qcow2", &["read -P 0x66 16M 1M"], &tf.join("vm.qcow2"));
+    }
+    // The replica: its latest files and every point are exact.
+    r.check_latest();
+    for p in &points {
+        r.check_point(p);
+    }
+    // Stopping discards the clone and nothing else.
+    ok(drfs().arg("test-failover").arg(&r.replica).arg("--stop"));
+    assert!(!is_mounted(&tf));
+    assert!(!r.replica.join(".drfs/test-failover").exists());
+    assert!(!r.replica.join(".drfs/test-failover.json").exists());
+    r.check_latest();
+}
+
+fn point_ids(r: &Rep) -> Vec<String> {
+    r.points()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Retention keeps a point while a file of it is open (later points are dropped and
+/// merged into its record meanwhile, and its reads stay exact), and drops it at the first
+/// run after the file is closed.
+#[test]
+fn a_point_with_an_open_file_outlives_retention_until_closed() {
+    let r = Rep::new("pinned", "manual", "last:2");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    random_at(&disk, 0, 16 * M);
+    let p1 = r.ship();
+    let br = f.mountpoint("browse");
+    browse(&r, &br);
+    let path = br.join("points").join(&p1).join("disk.raw");
+    let want = fs::read(r.snaps.join(&p1).join("disk.raw")).unwrap();
+    // Opened while p1 is the latest point: every block still comes from the latest file.
+    let open = fs::File::open(&path).unwrap();
+    let mut later = Vec::new();
+    for round in 0..4u64 {
+        random_at(&disk, (round % 4) * 4 * M, 6 * M);
+        later.push(r.ship());
+        if round == 1 {
+            let mut got = vec![0u8; want.len()];
+            std::os::unix::fs::FileExt::read_exact_at(&open, &mut got, 0).unwrap();
+            assert!(got == want, "point {p1} read wrong after two cycles");
+        }
+    }
+    let ids = point_ids(&r);
+    assert!(
+        ids.contains(&p1),
+        "point {p1} was pruned while open: {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        3,
+        "retention kept more than the pinned point: {ids:?}"
+    );
+    let mut got = vec![0u8; want.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&open, &mut got, 0).unwrap();
+    assert!(
+        got == want,
+        "point {p1} read wrong after retention merged into it"
+    );
+    // Its record was merged correctly: a fresh reader agrees.
+    r.check_point(&p1);
+    drop(open);
+    random_at(&disk, 0, M);
+    r.ship();
+    let ids = point_ids(&r);
+    assert!(
+        !ids.contains(&p1),
+        "point {p1} outlived its reader: {ids:?}"
+    );
+    assert!(!br.join("points").join(&p1).exists());
+}
+
+fn du_kib(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().blocks() / 2
+}
+
+#[test]
+fn restore_is_exact_sparse_verified_and_shows_progress() {
+    let r = Rep::new("restore", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    let sparse = f.m("vm/sparse.raw");
+    fs::create_dir(f.m("vm")).unwrap();
+    fs::File::create(&sparse).unwrap().set_len(2 << 30).unwrap();
+    for off in [0, 700 * M, 2047 * M] {
+        random_at(&sparse, off, M);
+    }
+    random_at(&f.m("vm/small.raw"), 0, 2 * M);
+    fs::write(f.m("vm/vm.xml"), b"<domain/>").unwrap();
+    let p1 = r.ship();
+    random_at(&sparse, 0, 4 * M);
+    fs::remove_file(f.m("vm/small.raw")).unwrap();
+    let p2 = r.ship();
+
+    // Whole points: equal to the copies, and as sparse as the originals.
+    for p in [&p1, &p2] {
+        let got = r.restore(p);
+        same_tree(&r.snaps.join(p), &got, &format!("restored point {p}"));
+        let (a, b) = (
+            du_kib(&r.snaps.join(p).join("vm/sparse.raw")),
+            du_kib(&got.join("vm/sparse.raw")),
+        );
+        assert!(
+            b <= a,
+            "restored sparse.raw of point {p} takes {b} KiB, the original {a} KiB"
+        );
+        assert!(
+            b >= 3 * 1024,
+            "restored sparse.raw is missing data: {b} KiB"
+        );
+    }
+    // One file of an older point, to a new name.
+    let one = f.root.join("one.raw");
+    ok(drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p1, "--path", "vm/small.raw", "--to"])
+        .arg(&one));
+    assert!(fs::read(&one).unwrap() == fs::read(r.snaps.join(&p1).join("vm/small.raw")).unwrap());
+    // Existing files are kept unless --force.
+    let again = drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p2, "--path", "vm/small.raw", "--to"])
+        .arg(&one)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let xml = f.root.join("vm.xml");
+    fs::write(&xml, b"mine").unwrap();
+    let refused = drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p2, "--path", "vm/vm.xml", "--to"])
+        .arg(&xml)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(fs::read(&xml).unwrap(), b"mine");
+    ok(drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p2, "--path", "vm/vm.xml", "--force", "--to"])
+        .arg(&xml));
+    assert_eq!(fs::read(&xml).unwrap(), b"<domain/>");
+
+    // A progress bar on a terminal (script gives the command one), none without.
+    let tty = f.root.join("tty");
+    let out = ok(Command::new(need("script"))
+        .args(["-qec"])
+        .arg(format!(
+            "{} restore {} --point {p1} --to {}",
+            BIN,
+            r.replica.display(),
+            tty.display()
+        ))
+        .arg("/dev/null"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("restoring"),
+        "no progress on a terminal: {text:?}"
+    );
+    same_tree(&r.snaps.join(&p1), &tty, "restored on a terminal");
+    let plain = f.root.join("plain");
+    let out = ok(drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p1, "--to"])
+        .arg(&plain));
+    assert!(
+        out.stderr.is_empty(),
+        "progress without a terminal: {:?}",
+        out.stderr
+    );
+
+    // A flipped byte in the replica is caught; nothing half-written is left.
+    let victim = r.replica.join("vm/sparse.raw");
+    let file = fs::OpenOptions::new().write(true).open(&victim).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"X", 700 * M + 12345).unwrap();
+    file.sync_all().unwrap();
+    let bad = f.root.join("bad");
+    let out = drfs()
+        .arg("restore")
+        .arg(&r.replica)
+        .args(["--point", &p2, "--to"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a corrupt block restored: {err}");
+    assert!(
+        err.contains("BLAKE3") && err.trim_end().lines().count() == 1,
+        "{err:?}"
+    );
+    assert!(!bad.exists(), "a failed restore left {}", bad.display());
+}
+
+fn fails(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn run(args: &[&std::ffi::OsStr]) -> Output {
+    drfs().args(args).output().unwrap()
+}
+
+/// Everything under `dir` (names and sizes), to show a refused command changed nothing.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push((p, if m.is_dir() { 0 } else { m.len() }));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn bad_input_to_browse_restore_and_test_failover() {
+    let r = Rep::new("badview", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    random_at(&f.m("disk.raw"), 0, M);
+    let p1 = r.ship();
+    let rep = r.replica.as_os_str();
+    let before = tree(&r.replica);
+    let not_replica = f.root.join("plain");
+    fs::create_dir(&not_replica).unwrap();
+    let dest = f.root.join("dest");
+    let (np, d) = (not_replica.as_os_str(), dest.as_os_str());
+    let mp = f.mountpoint("mp");
+
+    // Unknown point.
+    fails(
+        run(&[os("restore"), rep, os("--point"), os("nope"), os("--to"), d]),
+        "no point nope",
+    );
+    fails(
+        run(&[
+            os("test-failover"),
+            rep,
+            os("--point"),
+            os("nope"),
+            os("--at"),
+            d,
+        ]),
+        "no point nope",
+    );
+    assert!(!dest.exists(), "a refused command made {}", dest.display());
+    // Not a replica.
+    for args in [
+        vec![os("browse"), np, mp.as_os_str()],
+        vec![os("restore"), np, os("--point"), os(&p1), os("--to"), d],
+        vec![
+            os("test-failover"),
+            np,
+            os("--point"),
+            os(&p1),
+            os("--at"),
+            d,
+        ],
+        vec![os("points"), np],
+    ] {
+        fails(run(&args), "not a drfs replica");
+    }
+    fails(
+        run(&[
+            os("browse"),
+            f.root.join("missing").as_os_str(),
+            mp.as_os_str(),
+        ]),
+        "missing",
+    );
+    // Destinations inside the replica.
+    let inside = r.replica.join("restored");
+    fails(
+        run(&[
+            os("restore"),
+            rep,
+            os("--point"),
+            os(&p1),
+            os("--to"),
+            inside.as_os_str(),
+        ]),
+        "inside the replica",
+    );
+    fails(
+        run(&[
+            os("test-failover"),
+            rep,
+            os("--point"),
+            os(&p1),
+            os("--at"),
+            inside.as_os_str(),
+        ]),
+        "inside the replica",
+    );
+    fs::create_dir(r.replica.join("mnt-inside")).unwrap();
+    fails(
+        run(&[os("browse"), rep, r.replica.join("mnt-inside").as_os_str()]),
+        "inside the replica",
+    );
+    fs::remove_dir(r.replica.join("mnt-inside")).unwrap();
+    fails(
+        run(&[os("test-failover"), rep, os("--stop")]),
+        "no test failover",
+    );
+    assert_eq!(
+        before,
+        tree(&r.replica),
+        "a refused command changed the replica"
+    );
+    assert!(!dest.exists());
+
+    // One test failover at a time.
+    let tf = f.mountpoint("failover");
+    ok(drfs()
+        .arg("test-failover")
+        .arg(&r.replica)
+        .args(["--point", &p1, "--at"])
+        .arg(&tf));
+    let second = f.root.join("second");
+    fails(
+        run(&[
+            os("test-failover"),
+            rep,
+            os("--point"),
+            os(&p1),
+            os("--at"),
+            second.as_os_str(),
+        ]),
+        "already running",
+    );
+    assert!(!second.exists());
+    assert!(
+        fs::read(tf.join("disk.raw")).unwrap()
+            == fs::read(r.snaps.join(&p1).join("disk.raw")).unwrap()
+    );
+    let status = ok(drfs().arg("status").arg(&r.replica));
+    assert!(
+        String::from_utf8_lossy(&status.stdout)
+            .contains(&format!("point {p1} at {}", tf.display())),
+        "status does not show the test failover"
+    );
+    ok(drfs().arg("test-failover").arg(&r.replica).arg("--stop"));
+}
