@@ -402,7 +402,7 @@ fn entry_attr(ino: u64, e: &Entry, links: u32) -> FileAttr {
 
 impl Filesystem for Browse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        crate::mount::fs::read_capabilities(config);
         Ok(())
     }
 
@@ -600,7 +600,7 @@ pub fn serve(
     if allow_other {
         cfg.acl = fuser::SessionACL::All;
     }
-    cfg.n_threads = Some(4);
+    cfg.n_threads = Some(crate::mount::DEFAULT_THREADS);
     let session = match fuser::Session::new(Browse::new(r), mnt, &cfg) {
         Ok(s) => s,
         Err(e) => {

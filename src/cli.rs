@@ -29,7 +29,7 @@ enum Cmd {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
         /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = crate::mount::DEFAULT_THREADS)]
         threads: usize,
         /// Let users other than the one mounting use the mount (e.g. qemu as libvirt-qemu).
         #[arg(long)]

@@ -403,7 +403,8 @@ impl Clone {
 }
 
 impl Filesystem for Clone {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        crate::mount::fs::read_capabilities(config);
         std::fs::create_dir_all(&self.overlay_dir)
     }
 
@@ -829,7 +830,7 @@ pub fn serve(
         if allow_other {
             cfg.acl = fuser::SessionACL::All;
         }
-        cfg.n_threads = Some(4);
+        cfg.n_threads = Some(crate::mount::DEFAULT_THREADS);
         let session = fuser::Session::new(fs, at, &cfg)
             .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", at.display())))?;
         Ok::<_, Error>((r, lock, session))

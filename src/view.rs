@@ -4,10 +4,12 @@
 //! the small undo indexes.
 //!
 //! Reads stay correct while cycles apply. An apply writes the undo record of the point it
-//! replaces (durably) before it changes any latest file; so after reading from the latest
-//! files a reader checks whether that record has appeared and, if it has, takes it in and
+//! replaces (durably) before it changes any latest file, and makes the replica's apply
+//! counter odd in between (even again once published). A reader notes the counter when it
+//! takes in the undo records, and after each read checks (one load from a mapped page, no
+//! system call) that it has not moved; if it has, the reader takes in what appeared and
 //! reads again. Files a retention run deletes stay readable through the descriptors a
-//! reader holds.
+//! reader holds; opening a file waits while an apply is moving latest files around.
 //!
 //! A reader pins its point (`Replica::pin`): retention keeps a point while any of its
 //! files is open and drops it at the first run after they are closed. Records of later
@@ -20,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{At, Error, Result};
 use crate::relpath::RelPath;
@@ -155,8 +157,9 @@ impl PointView {
             bs: self.bs,
             from: self.info.generation,
             _pin: r.pin(&self.info.id)?,
+            seq: r.map_seq(),
             replica: r,
-            state: Mutex::new(Chain::default()),
+            state: RwLock::new(Chain::default()),
         };
         pf.refresh()?;
         Ok(pf)
@@ -180,8 +183,10 @@ struct Chain {
     seen: HashMap<String, u64>,
     latest: Option<File>,
     latest_hashes: Option<Hashes>,
-    /// The undo directory whose appearance means the latest files are about to change.
-    watch: Option<PathBuf>,
+    /// The file is not among the latest files (a record holds it whole).
+    gone: bool,
+    /// The apply counter when the chain was last brought up to date.
+    seq: u64,
 }
 
 /// One file of a point.
@@ -191,7 +196,9 @@ pub struct PointFile {
     bs: u64,
     from: u64,
     replica: Replica,
-    state: Mutex<Chain>,
+    state: RwLock<Chain>,
+    /// The replica's apply counter (`Replica::set_applying`), mapped.
+    seq: Option<memmap2::Mmap>,
     /// Keeps the point from being pruned while the file is open.
     _pin: File,
 }
@@ -204,6 +211,9 @@ enum Src {
     Zero,
 }
 
+/// How long opening a file waits for an apply that is moving the latest files around.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The inode of an undo record's index: a retention run merging into the record writes a
 /// new one.
 fn index_ino(dir: &std::path::Path) -> Option<u64> {
@@ -214,14 +224,38 @@ fn index_ino(dir: &std::path::Path) -> Option<u64> {
 }
 
 impl PointFile {
-    /// Takes in undo records that appeared or changed since the last look (and, the
-    /// first time, all of them from this point on), and finds the latest file. Runs under
-    /// the replica's shared prune lock, so no merge is half done meanwhile.
+    fn seq_now(&self) -> u64 {
+        self.seq.as_ref().map_or(0, |m| {
+            // The map is 8 bytes at a page boundary; the receiver updates it with pwrite.
+            let a = unsafe { &*(m.as_ptr() as *const std::sync::atomic::AtomicU64) };
+            u64::from_le(a.load(std::sync::atomic::Ordering::Acquire))
+        })
+    }
+
+    /// Brings the chain up to date: undo records that appeared or changed since the last
+    /// look (the first time, all of them from this point on), and the latest file. The
+    /// latest file is looked up only while no apply is under way (it may be moving).
     fn refresh(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + APPLY_WAIT;
+        while !self.refresh_at(self.seq_now())? {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "{} has been in the middle of an apply for {} s; try again",
+                    self.replica.root.display(),
+                    APPLY_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// One attempt at apply counter `s0`; false if it has to wait for an apply.
+    fn refresh_at(&self, s0: u64) -> Result<bool> {
         let r = &self.replica;
+        // Under the shared prune lock no retention merge is half done.
         let _lock = r.prune_lock(libc::LOCK_SH)?;
-        let mut c = self.state.lock();
-        let latest = r.latest()?;
+        let mut c = self.state.write();
         for p in r.points()? {
             if p.generation < self.from {
                 continue;
@@ -234,44 +268,63 @@ impl PointFile {
                 continue;
             }
             c.layers.retain(|l| l.generation != p.generation);
-            let idx = UndoIndex::load(&dir)?;
-            if let Some(f) = idx.files.get(&self.id) {
-                let dp = data_path(&dir, self.id);
-                let hp = hash_path(&dir, self.id);
-                c.layers.push(Layer {
-                    generation: p.generation,
-                    file: f.clone(),
-                    data: File::open(&dp).at(&dp)?,
-                    hashes: Hashes::open_ro(&hp).ok(),
-                });
+            if let Some(l) = self.layer(&dir, p.generation)? {
+                c.layers.push(l);
             }
             c.seen.insert(p.id.clone(), ino);
         }
         c.layers.sort_by_key(|l| l.generation);
-        if c.latest.is_none() {
-            if let Some(l) = &latest {
-                let m = r.manifest(&l.id)?;
-                if let Some(e) = m.entries.iter().find(|e| e.id == Some(self.id)) {
-                    c.latest = r.tree.open_file(&e.path, libc::O_RDONLY, 0).ok();
-                    c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
-                }
+        if c.latest.is_none() && !c.gone {
+            if s0 % 2 == 1 {
+                return Ok(false);
+            }
+            self.find_latest(&mut c)?;
+            if self.seq_now() != s0 {
+                (c.latest, c.latest_hashes, c.gone) = (None, None, false);
+                return Ok(false);
             }
         }
-        c.watch = latest.map(|l| r.undo_dir(&l.id));
+        c.seq = s0;
+        Ok(true)
+    }
+
+    /// This file's layer in the undo record at `dir`, if the record has its blocks.
+    fn layer(&self, dir: &std::path::Path, generation: u64) -> Result<Option<Layer>> {
+        let idx = UndoIndex::load(dir)?;
+        let Some(f) = idx.files.get(&self.id) else {
+            return Ok(None);
+        };
+        let (dp, hp) = (data_path(dir, self.id), hash_path(dir, self.id));
+        Ok(Some(Layer {
+            generation,
+            file: f.clone(),
+            data: File::open(&dp).at(&dp)?,
+            hashes: Hashes::open_ro(&hp).ok(),
+        }))
+    }
+
+    /// Opens this file among the latest files (by its path in the latest point).
+    fn find_latest(&self, c: &mut Chain) -> Result<()> {
+        let r = &self.replica;
+        let Some(l) = r.latest()? else {
+            c.gone = true;
+            return Ok(());
+        };
+        let m = r.manifest(&l.id)?;
+        match m.entries.iter().find(|e| e.id == Some(self.id)) {
+            Some(e) => {
+                let p = e.path.under(&r.root);
+                c.latest = Some(r.tree.open_file(&e.path, libc::O_RDONLY, 0).at(&p)?);
+                c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
+            }
+            None => c.gone = true,
+        }
         Ok(())
     }
 
-    /// Whether an apply started since the last look (so the latest files may change):
-    /// the current latest point has an undo record this reader has not taken in.
+    /// Whether an apply started or ended since the chain was brought up to date.
     fn stale(&self) -> bool {
-        let cur = std::fs::read_to_string(self.replica.sd.path("latest")).unwrap_or_default();
-        let cur = cur.trim();
-        if cur.is_empty() {
-            return false;
-        }
-        let c = self.state.lock();
-        let undo = self.replica.undo_dir(cur);
-        (c.watch.as_ref() != Some(&undo)) || (undo.exists() && !c.seen.contains_key(cur))
+        self.seq_now() != self.state.read().seq
     }
 
     fn source(c: &Chain, b: u64) -> Src {
@@ -318,7 +371,7 @@ impl PointFile {
     /// Runs `f` over the chain until no apply started meanwhile (see the module notes).
     fn consistent<T>(&self, mut f: impl FnMut(&Chain) -> io::Result<T>) -> io::Result<T> {
         loop {
-            let v = f(&self.state.lock())?;
+            let v = f(&self.state.read())?;
             if !self.stale() {
                 return Ok(v);
             }

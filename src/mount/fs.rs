@@ -115,6 +115,18 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
     }
 }
 
+/// What every drfs filesystem asks of the kernel: O_DIRECT and AIO requests in parallel
+/// (not one at a time), parallel lookups, and room for many requests in flight.
+pub fn read_capabilities(config: &mut KernelConfig) {
+    for cap in [InitFlags::FUSE_ASYNC_DIO, InitFlags::FUSE_PARALLEL_DIROPS] {
+        if config.add_capabilities(cap).is_err() {
+            tracing::info!("kernel lacks {cap:?}");
+        }
+    }
+    let _ = config.set_max_background(256);
+    let _ = config.set_congestion_threshold(192);
+}
+
 /// The bytes a fallocate changes inside the file's current size, if any. Growth needs no
 /// mark: the new size travels with the cut, and a file extended on the replica reads zeros.
 pub fn fallocate_range(mode: i32, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
@@ -492,9 +504,8 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: io::Result<Vec<u8>>) {
 
 impl Filesystem for DrFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        read_capabilities(config);
         for cap in [
-            InitFlags::FUSE_ASYNC_DIO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_AUTO_INVAL_DATA,
         ] {
@@ -502,8 +513,6 @@ impl Filesystem for DrFs {
                 tracing::info!("kernel lacks {cap:?}");
             }
         }
-        let _ = config.set_max_background(256);
-        let _ = config.set_congestion_threshold(192);
         Ok(())
     }
 

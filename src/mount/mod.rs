@@ -30,6 +30,9 @@ use crate::state::{self, StateDir};
 use crate::sys;
 use crate::track::Tracker;
 
+/// Threads serving FUSE requests: enough for a queue depth of 16 to reach the disk.
+pub const DEFAULT_THREADS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct MountOpts {
     pub store: PathBuf,

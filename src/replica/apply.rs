@@ -150,6 +150,8 @@ pub fn commit(r: &Replica, inc: &mut Incoming, manifest: Manifest) -> Result<Poi
         write_undo(r, inc, &plan, id)?;
     }
     crate::fault::hit("apply:undo");
+    // Readers: the latest files change from here until the apply is published.
+    r.set_applying(true)?;
     let j = Journal {
         version: 1,
         generation: plan.new.generation,
@@ -190,6 +192,7 @@ pub fn recover(r: &Replica) -> Result<()> {
         j.generation,
         j.phase
     );
+    r.set_applying(true)?;
     roll_forward(r, &mut inc, &plan, j).map(drop)
 }
 
@@ -242,6 +245,7 @@ fn roll_forward(r: &Replica, inc: &mut Incoming, plan: &Plan, mut j: Journal) ->
     crate::fault::hit("apply:published");
     let jp = r.sd.path("journal.json");
     fs::remove_file(&jp).at(&jp)?;
+    r.set_applying(false)?;
     for d in [r.sd.path("incoming"), hold] {
         if d.exists() {
             fs::remove_dir_all(&d).at(&d)?;

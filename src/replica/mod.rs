@@ -64,6 +64,9 @@ pub struct Replica {
     pub tree: Tree,
 }
 
+/// The apply counter's file in the state directory.
+const SEQ: &str = "apply.seq";
+
 impl Replica {
     /// Opens an existing replica and finishes an apply a crash interrupted.
     pub fn open(root: &Path) -> Result<Replica> {
@@ -233,6 +236,40 @@ impl Replica {
             dropped.push(p.id.clone());
         }
         Ok(dropped)
+    }
+
+    /// Marks the start (`on`) or the end of an apply in `.drfs/apply.seq`: a counter, odd
+    /// while an apply is changing the latest files (see `view`).
+    pub fn set_applying(&self, on: bool) -> Result<()> {
+        let p = self.sd.path(SEQ);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .at(&p)?;
+        let mut b = [0u8; 8];
+        let n = sys::read_full(&f, &mut b, 0).at(&p)?;
+        let v = if n == 8 { u64::from_le_bytes(b) } else { 0 };
+        if (v % 2 == 1) != on {
+            std::os::unix::fs::FileExt::write_all_at(&f, &(v + 1).to_le_bytes(), 0).at(&p)?;
+        }
+        Ok(())
+    }
+
+    /// The apply counter, mapped read-only (created if missing and the replica is
+    /// writable; None otherwise, and then nothing can apply either).
+    pub fn map_seq(&self) -> Option<memmap2::Mmap> {
+        let p = self.sd.path(SEQ);
+        if !p.exists() {
+            let _ = self.set_applying(false);
+        }
+        let f = File::open(&p).ok()?;
+        if f.metadata().ok()?.len() < 8 {
+            return None;
+        }
+        unsafe { memmap2::MmapOptions::new().len(8).map(&f) }.ok()
     }
 
     /// `.drfs/prune.lock`, flocked with `op`; None where it cannot be opened (a replica
