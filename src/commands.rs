@@ -115,6 +115,10 @@ pub fn ship(store: &Path, resync: bool) -> Result<i32> {
 
 /// `drfs receive`: serves one stream; the exit code says whether the sender may retry.
 pub fn receive(replica: &Path) -> i32 {
+    // The receiver sets the modes of replicated files itself; its own state (undo
+    // records, hashes, staging) is nobody else's business, whatever umask the caller
+    // had (the mount daemon that spawns it runs with umask 0).
+    unsafe { libc::umask(0o077) };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
     match crate::replica::receive::serve(replica, stdin, stdout) {

@@ -161,6 +161,17 @@ fn cycles_keep_the_replica_latest_and_every_point_exact() {
         serde_json::from_slice(&ok(drfs().arg("status").arg(&r.replica).arg("--json")).stdout)
             .unwrap();
     assert_eq!(st["points"], 4);
+    // The replica's own state is root's alone, though the daemon that ran the receiver
+    // has umask 0.
+    let loose = sh(&format!(
+        "find {} -perm /022 -printf '%m %p\\n'",
+        r.replica.join(".drfs").display()
+    ));
+    assert!(
+        loose.stdout.is_empty(),
+        "group/other-writable replica state:\n{}",
+        String::from_utf8_lossy(&loose.stdout)
+    );
     f.unmount();
 }
 
