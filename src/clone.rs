@@ -740,9 +740,13 @@ impl Filesystem for Clone {
     }
 }
 
+/// The format version of `test-failover.json`.
+pub const SESSION_VERSION: u32 = 1;
+
 /// A running test failover, as `REPLICA/.drfs/test-failover.json` records it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Session {
+    pub version: u32,
     pub point: String,
     pub at: PathBuf,
     pub pid: i32,
@@ -760,7 +764,7 @@ fn overlay_dir(r: &crate::replica::Replica) -> PathBuf {
 /// The running test failover of replica `r`, if there is one.
 pub fn running(r: &crate::replica::Replica) -> Option<Session> {
     let s: Session = serde_json::from_slice(&std::fs::read(session_path(r)).ok()?).ok()?;
-    crate::sys::pid_alive(s.pid).then_some(s)
+    (s.version == SESSION_VERSION && crate::sys::pid_alive(s.pid)).then_some(s)
 }
 
 /// Takes the replica's test-failover lock (held by the clone's daemon for its life).
@@ -809,6 +813,7 @@ pub fn serve(
         std::fs::create_dir_all(&dir).at(&dir)?;
         let fs = Clone::new(&view, dir)?;
         let s = Session {
+            version: SESSION_VERSION,
             point: point.to_string(),
             at: at.to_path_buf(),
             pid: std::process::id() as i32,

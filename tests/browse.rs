@@ -1,6 +1,7 @@
 //! Recovery points as files: `drfs browse` shows every point byte-identical to a copy of
 //! the primary taken at its cut (listings, owners, modes, mtimes, holes), item-level
-//! restore from a guest ext4 image of a point, reads and a test failover while cycles
+//! restore from a guest ext4 image of a point (raw, and qcow2 through qemu-storage-daemon),
+//! reads and a test failover while cycles
 //! keep applying, a point pruned while open, `drfs restore` (exact, sparse, verified,
 //! progress on a terminal) and bad input.
 
@@ -285,7 +286,21 @@ fn single_files_come_back_from_a_guest_filesystem_of_a_point() {
         ok(Command::new("umount").arg(&item));
         assert_eq!(got.as_deref(), want, "app.conf in point {p}");
     }
-    // A dirty guest filesystem needs its journal replayed: in a test failover clone,
+    // A dirty guest filesystem mounts read-only without its journal (README's recipe)...
+    let out = Command::new("mount")
+        .args(["-o", "ro,loop,noload"])
+        .arg(br.join("points").join(&p4).join("guest.img"))
+        .arg(&item)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ro,loop,noload mount of dirty point {p4}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!conf(&item).exists(), "app.conf was deleted before {p4}");
+    ok(Command::new("umount").arg(&item));
+    // ... and with its journal replayed in a test failover clone,
     // which takes the writes and leaves the point as it was.
     let tf = f.mountpoint("failover");
     ok(drfs()
@@ -307,6 +322,109 @@ fn single_files_come_back_from_a_guest_filesystem_of_a_point() {
         .output()
         .unwrap();
     assert!(diff.status.success(), "the clone changed point {p4}");
+}
+
+/// A qcow2 image exported as a raw file by qemu-storage-daemon's FUSE export (what the
+/// README's recipe uses where the kernel has no nbd). Stops the daemon when dropped.
+struct Qsd {
+    export: PathBuf,
+    pid: i32,
+}
+
+impl Qsd {
+    fn start(img: &Path, export: &Path, writable: bool) -> Qsd {
+        fs::write(export, b"").unwrap();
+        let pidfile = export.with_extension("pid");
+        let ro = if writable { "off" } else { "on" };
+        ok(Command::new(need("qemu-storage-daemon"))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={},read-only={ro}",
+                img.display()
+            ))
+            .arg("--blockdev")
+            .arg(format!("driver=qcow2,node-name=q,file=f,read-only={ro}"))
+            .arg("--export")
+            .arg(format!(
+                "type=fuse,id=e,node-name=q,mountpoint={},writable={}",
+                export.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .args(["--daemonize", "--pidfile"])
+            .arg(&pidfile));
+        let pid = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(is_mounted(export), "qemu-storage-daemon exported nothing");
+        Qsd {
+            export: export.to_path_buf(),
+            pid,
+        }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "-q"])
+            .arg(&self.export)
+            .status();
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        if !wait_gone(self.pid, std::time::Duration::from_secs(10)) {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            wait_gone(self.pid, std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+#[test]
+fn single_files_come_back_from_a_qcow2_guest_image_of_a_point() {
+    need("mkfs.ext4");
+    let r = Rep::new("qitem", "manual", "all:1h,hourly:24h");
+    let f = &r.f;
+    let raw = f.root.join("scratch.raw");
+    fs::File::create(&raw).unwrap().set_len(64 * M).unwrap();
+    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&raw));
+    let qcow = f.m("vm.qcow2");
+    ok(Command::new(need("qemu-img"))
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow));
+    let guest = f.mountpoint("guest");
+    let conf = |g: &Path| g.join("app.conf");
+    // The "VM" writes its qcow2 through the primary mount.
+    let as_vm = |change: &dyn Fn(&Path)| {
+        let q = Qsd::start(&qcow, &f.root.join("rw.raw"), true);
+        in_guest(&q.export, &guest, change);
+    };
+    as_vm(&|g| fs::write(conf(g), b"version one\n").unwrap());
+    let p1 = r.ship();
+    as_vm(&|g| fs::remove_file(conf(g)).unwrap());
+    let p2 = r.ship();
+
+    let br = f.mountpoint("browse");
+    browse(&r, &br);
+    let item = f.mountpoint("item");
+    for (p, want) in [(&p1, Some("version one\n")), (&p2, None)] {
+        let q = Qsd::start(
+            &br.join("points").join(p).join("vm.qcow2"),
+            &f.root.join("ro.raw"),
+            false,
+        );
+        let out = mount_ro(&q.export, &item);
+        assert!(
+            out.status.success(),
+            "ro,loop mount of the qcow2 of point {p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = fs::read_to_string(conf(&item)).ok();
+        ok(Command::new("umount").arg(&item));
+        drop(q);
+        assert_eq!(got.as_deref(), want, "app.conf in point {p}");
+    }
+    r.check_point(&p1);
 }
 
 /// Reads `p` with O_DIRECT (past the page cache, so every pass reaches the daemon) and
