@@ -476,7 +476,9 @@ impl Filesystem for Browse {
                 if e.kind != Kind::File {
                     return Err(Errno::EINVAL);
                 }
-                v.file(e).map_err(|err| {
+                let direct = flags.0 & libc::O_DIRECT != 0;
+                let f = if direct { v.file_direct(e) } else { v.file(e) };
+                f.map_err(|err| {
                     tracing::warn!("opening {} of point {id}: {err}", e.path);
                     Errno::EIO
                 })
@@ -507,11 +509,11 @@ impl Filesystem for Browse {
         let Some(f) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let mut buf = vec![0u8; size as usize];
-        match f.read_at(&mut buf, offset) {
+        // Page-aligned, so a direct reader's aligned reads reach the replica O_DIRECT.
+        crate::mount::handle::with_aligned(size as usize, |buf| match f.read_at(buf, offset) {
             Ok(n) => reply.data(&buf[..n]),
             Err(e) => reply.error(Errno::from(e)),
-        }
+        })
     }
 
     fn release(

@@ -148,6 +148,16 @@ impl PointView {
 
     /// Opens a file of this point for reading.
     pub fn file(&self, e: &Entry) -> Result<PointFile> {
+        self.open_file(e, false)
+    }
+
+    /// Opens a file of this point for a client that reads with O_DIRECT: aligned reads
+    /// then bypass the replica host's page cache too, as they would on a plain file.
+    pub fn file_direct(&self, e: &Entry) -> Result<PointFile> {
+        self.open_file(e, true)
+    }
+
+    fn open_file(&self, e: &Entry, direct: bool) -> Result<PointFile> {
         let id =
             e.id.ok_or_else(|| Error::Invalid(format!("{} is not a regular file", e.path)))?;
         let r = Replica::open_only(&self.replica)?;
@@ -156,6 +166,7 @@ impl PointView {
             size: e.size,
             bs: self.bs,
             from: self.info.generation,
+            direct,
             _pin: r.pin(&self.info.id)?,
             seq: r.map_seq(),
             replica: r,
@@ -171,6 +182,8 @@ struct Layer {
     generation: u64,
     file: UndoFile,
     data: File,
+    /// `data` opened with O_DIRECT, for a direct reader.
+    direct: Option<File>,
     hashes: Option<Hashes>,
 }
 
@@ -182,6 +195,8 @@ struct Chain {
     /// Undo records taken in: point id -> inode of its index when it was read.
     seen: HashMap<String, u64>,
     latest: Option<File>,
+    /// `latest` opened with O_DIRECT, for a direct reader.
+    latest_direct: Option<File>,
     latest_hashes: Option<Hashes>,
     /// The file is not among the latest files (a record holds it whole).
     gone: bool,
@@ -195,6 +210,8 @@ pub struct PointFile {
     pub size: u64,
     bs: u64,
     from: u64,
+    /// The client reads with O_DIRECT.
+    direct: bool,
     replica: Replica,
     state: RwLock<Chain>,
     /// The replica's apply counter (`Replica::set_applying`), mapped.
@@ -209,6 +226,13 @@ enum Src {
     Layer(usize),
     Latest,
     Zero,
+}
+
+/// The alignment O_DIRECT reads of the replica use (memory, offset and length).
+const DIRECT_ALIGN: u64 = 4096;
+
+fn aligned(buf: &[u8], off: u64) -> bool {
+    (buf.as_ptr() as u64 | buf.len() as u64 | off) % DIRECT_ALIGN == 0
 }
 
 /// How long opening a file waits for an apply that is moving the latest files around.
@@ -280,7 +304,8 @@ impl PointFile {
             }
             self.find_latest(&mut c)?;
             if self.seq_now() != s0 {
-                (c.latest, c.latest_hashes, c.gone) = (None, None, false);
+                (c.latest, c.latest_direct, c.latest_hashes) = (None, None, None);
+                c.gone = false;
                 return Ok(false);
             }
         }
@@ -299,8 +324,23 @@ impl PointFile {
             generation,
             file: f.clone(),
             data: File::open(&dp).at(&dp)?,
+            direct: self.open_direct(&dp),
             hashes: Hashes::open_ro(&hp).ok(),
         }))
+    }
+
+    /// `p` opened with O_DIRECT if this file's reader is direct and the filesystem
+    /// allows it (else reads stay buffered).
+    fn open_direct(&self, p: &std::path::Path) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.direct
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(p)
+            })
+            .and_then(|f| f.ok())
     }
 
     /// Opens this file among the latest files (by its path in the latest point).
@@ -315,6 +355,13 @@ impl PointFile {
             Some(e) => {
                 let p = e.path.under(&r.root);
                 c.latest = Some(r.tree.open_file(&e.path, libc::O_RDONLY, 0).at(&p)?);
+                c.latest_direct = self
+                    .direct
+                    .then(|| {
+                        r.tree
+                            .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
+                    })
+                    .and_then(|f| f.ok());
                 c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
             }
             None => c.gone = true,
@@ -363,6 +410,15 @@ impl PointFile {
         }
     }
 
+    /// The O_DIRECT descriptor of `src`, if this reader has one.
+    fn direct_of(c: &Chain, src: Src) -> Option<&File> {
+        match src {
+            Src::Layer(i) => c.layers[i].direct.as_ref(),
+            Src::Latest => c.latest_direct.as_ref(),
+            Src::Zero => None,
+        }
+    }
+
     /// Reads at `off` into `buf` (short only at the end of the file).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         self.consistent(|c| self.read_in(c, buf, off))
@@ -388,7 +444,8 @@ impl PointFile {
             let (src, next) = Self::span(c, pos / self.bs, blocks);
             let stop = (next * self.bs).min(end);
             let chunk = &mut buf[(pos - off) as usize..(stop - off) as usize];
-            let got = match Self::file_of(c, src) {
+            let direct = Self::direct_of(c, src).filter(|_| aligned(chunk, pos));
+            let got = match direct.or(Self::file_of(c, src)) {
                 Some(f) => read_full(f, chunk, pos)?,
                 None => 0,
             };

@@ -139,6 +139,11 @@ thread_local! {
     static BOUNCE: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
 }
 
+/// Runs `f` on this thread's page-aligned buffer of `len` bytes (contents undefined).
+pub fn with_aligned<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with(|b| f(b.borrow_mut().get(len)))
+}
+
 /// A directory being listed: its entries, read at open and again on rewind.
 pub struct DirHandle {
     pub inode: Arc<Inode>,
