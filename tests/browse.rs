@@ -463,6 +463,10 @@ fn reads_and_a_test_failover_stay_right_while_cycles_apply() {
         .arg(&r.replica)
         .args(["--point", &p1, "--at"])
         .arg(&tf));
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("status").arg(&r.replica).arg("--json")).stdout)
+            .unwrap();
+    assert_eq!(st["test_failover"]["point"], p1.as_str(), "{st:#}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let passes = Arc::new(AtomicUsize::new(0));
