@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::mount::inode::Inode;
+use crate::sys::read_full;
 use crate::track::FileTrack;
 
 pub struct Handle {
@@ -50,13 +51,9 @@ impl Handle {
     /// Reads up to `len` bytes at `off` and hands them to `reply`.
     pub fn read<R>(&self, off: u64, len: usize, reply: impl FnOnce(io::Result<&[u8]>) -> R) -> R {
         let (f, _) = self.pick(off, len);
-        BOUNCE.with(|b| {
-            let mut b = b.borrow_mut();
-            let buf = b.get(len);
-            match read_full(f, buf, off) {
-                Ok(n) => reply(Ok(&buf[..n])),
-                Err(e) => reply(Err(e)),
-            }
+        with_aligned(len, |buf| match read_full(f, buf, off) {
+            Ok(n) => reply(Ok(&buf[..n])),
+            Err(e) => reply(Err(e)),
         })
     }
 
@@ -67,26 +64,11 @@ impl Handle {
         if !direct || (data.as_ptr() as usize) % mem_align == 0 {
             return f.write_all_at(data, off);
         }
-        BOUNCE.with(|b| {
-            let mut b = b.borrow_mut();
-            let buf = b.get(data.len());
+        with_aligned(data.len(), |buf| {
             buf.copy_from_slice(data);
             f.write_all_at(buf, off)
         })
     }
-}
-
-fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// A growable, page-aligned buffer.
