@@ -603,7 +603,7 @@ pub fn serve(
         cfg.acl = fuser::SessionACL::All;
     }
     cfg.n_threads = Some(crate::mount::DEFAULT_THREADS);
-    let session = match fuser::Session::new(Browse::new(r), mnt, &cfg) {
+    let session = match crate::mount::attach::attach(Browse::new(r), mnt, &cfg) {
         Ok(s) => s,
         Err(e) => {
             let e = crate::error::Error::Invalid(format!("mounting at {}: {e}", mnt.display()));

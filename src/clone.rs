@@ -836,7 +836,7 @@ pub fn serve(
             cfg.acl = fuser::SessionACL::All;
         }
         cfg.n_threads = Some(crate::mount::DEFAULT_THREADS);
-        let session = fuser::Session::new(fs, at, &cfg)
+        let session = crate::mount::attach::attach(fs, at, &cfg)
             .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", at.display())))?;
         Ok::<_, Error>((r, lock, session))
     })();

@@ -630,6 +630,35 @@ fn a_point_with_an_open_file_outlives_retention_until_closed() {
     assert!(!br.join("points").join(&p1).exists());
 }
 
+#[test]
+fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
+    // fuser 0.18 unmounts by path when a session ends (see `mount::attach`): a browse
+    // unmounted lazily, whose last open file closes after a new browse was mounted at the
+    // same path, must not take the new one down with it.
+    let r = Rep::new("remount", "manual", "all:7d");
+    random_at(&r.f.m("disk.raw"), 0, M);
+    r.ship();
+    let br = r.f.mountpoint("browse");
+    browse(&r, &br);
+    let old = daemons_of(&br);
+    let open = fs::File::open(br.join("latest").join("disk.raw")).unwrap();
+    ok(drfs().arg("unmount").arg("--lazy").arg(&br));
+    browse(&r, &br);
+    drop(open);
+    for pid in old {
+        let gone = wait_gone(pid, std::time::Duration::from_secs(10));
+        assert!(
+            gone,
+            "the lazily unmounted browse daemon {pid} did not exit"
+        );
+    }
+    assert!(
+        is_mounted(&br),
+        "the old daemon's end unmounted the new browse"
+    );
+    assert!(br.join("latest").join("disk.raw").is_file());
+}
+
 fn du_kib(p: &Path) -> u64 {
     fs::metadata(p).unwrap().blocks() / 2
 }

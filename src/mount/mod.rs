@@ -8,6 +8,7 @@
 //! `fusermount3 -u`, `umount`, or a SIGTERM/SIGINT it turns into a lazy unmount); it then
 //! flushes the bitmaps, saves the file table and records a clean stop.
 
+pub mod attach;
 pub mod bufalloc;
 pub mod creds;
 pub mod fs;
@@ -117,7 +118,7 @@ fn serve(opts: &MountOpts, store: &Path, mnt: &Path, mut ready: Ready) -> Result
 }
 
 struct Running {
-    session: fuser::Session<fs::DrFs>,
+    session: attach::Attached<fs::DrFs>,
     tracker: Option<Arc<Tracker>>,
     sched: Option<Arc<Scheduler>>,
     socket: Option<PathBuf>,
@@ -169,7 +170,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
         cfg.acl = fuser::SessionACL::All;
     }
     cfg.n_threads = Some(opts.threads.max(1));
-    let session = fuser::Session::new(drfs, mnt, &cfg)
+    let session = attach::attach(drfs, mnt, &cfg)
         .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", mnt.display())))?;
     tune_readahead(mnt);
     daemon::watch_signals(signals, mnt.to_path_buf());
