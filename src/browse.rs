@@ -611,7 +611,7 @@ pub fn serve(
             return Err(e);
         }
     };
-    crate::mount::tune_readahead(mnt);
+    crate::mount::tune_readahead(mnt, replica);
     ready.say("OK");
     crate::daemon::watch_signals(signals, mnt.to_path_buf());
     session

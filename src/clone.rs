@@ -847,6 +847,7 @@ pub fn serve(
             return Err(e);
         }
     };
+    crate::mount::tune_readahead(at, replica);
     ready.say("OK");
     crate::daemon::watch_signals(signals, at.to_path_buf());
     let result = session

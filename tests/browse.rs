@@ -659,6 +659,34 @@ fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
     assert!(br.join("latest").join("disk.raw").is_file());
 }
 
+/// `read_ahead_kb` of device `dev`: its bdi, or a partition's disk.
+fn readahead_kb(dev: u64) -> Option<u64> {
+    let d = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    [
+        format!("/sys/class/bdi/{d}/read_ahead_kb"),
+        format!("/sys/dev/block/{d}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|f| fs::read_to_string(f).ok()?.trim().parse().ok())
+}
+
+#[test]
+fn browse_reads_ahead_like_the_replica_disk() {
+    let r = Rep::new("readahead", "manual", "all:7d");
+    random_at(&r.f.m("disk.raw"), 0, M);
+    r.ship();
+    let br = r.f.mountpoint("browse");
+    browse(&r, &br);
+    let disk = fs::metadata(&r.replica).unwrap().dev();
+    let mnt = fs::metadata(&br).unwrap().dev();
+    let got = readahead_kb(mnt).expect("the browse mount has a bdi");
+    let want = readahead_kb(disk).unwrap_or(1024).clamp(1024, 16384);
+    assert_eq!(
+        got, want,
+        "browse readahead (KiB) against the replica disk's"
+    );
+}
+
 fn du_kib(p: &Path) -> u64 {
     fs::metadata(p).unwrap().blocks() / 2
 }

@@ -172,7 +172,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
     cfg.n_threads = Some(opts.threads.max(1));
     let session = attach::attach(drfs, mnt, &cfg)
         .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", mnt.display())))?;
-    tune_readahead(mnt);
+    tune_readahead(mnt, store);
     daemon::watch_signals(signals, mnt.to_path_buf());
     let (sched, socket) = match &tracker {
         Some(t) => {
@@ -256,15 +256,32 @@ fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Raises the mount's readahead to 1 MiB (the kernel's 128 KiB default halves buffered
-/// sequential reads through FUSE).
-pub fn tune_readahead(mnt: &Path) {
+/// Gives the mount the readahead of the disk under `backing` (1 to 16 MiB), so buffered
+/// sequential reads through it keep as many requests in flight as reads of that disk
+/// (FUSE's own default of 128 KiB halves them).
+pub fn tune_readahead(mnt: &Path, backing: &Path) {
+    let kb = disk_readahead_kb(backing)
+        .unwrap_or(1024)
+        .clamp(1024, 16384);
     if let Some(e) = mountinfo::at(mnt) {
         let p = format!("/sys/class/bdi/{}/read_ahead_kb", e.dev);
-        if let Err(err) = std::fs::write(&p, "1024") {
+        if let Err(err) = std::fs::write(&p, kb.to_string()) {
             tracing::info!("readahead not raised ({p}): {err}");
         }
     }
+}
+
+/// The readahead of the device `p` lives on: its own bdi, or a partition's disk.
+fn disk_readahead_kb(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(p).ok()?.dev();
+    let d = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    [
+        format!("/sys/class/bdi/{d}/read_ahead_kb"),
+        format!("/sys/dev/block/{d}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|f| std::fs::read_to_string(f).ok()?.trim().parse().ok())
 }
 
 /// `drfs unmount`: unmounts and waits for the daemon to record a clean stop.
