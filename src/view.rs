@@ -370,10 +370,6 @@ impl PointFile {
     }
 
     /// Whether an apply started or ended since the chain was brought up to date.
-    fn stale(&self) -> bool {
-        self.seq_now() != self.state.read().seq
-    }
-
     fn source(c: &Chain, b: u64) -> Src {
         Self::span(c, b, b + 1).0
     }
@@ -425,10 +421,16 @@ impl PointFile {
     }
 
     /// Runs `f` over the chain until no apply started meanwhile (see the module notes).
+    /// The check is against the counter of the chain this read used: another thread may
+    /// bring the chain up to date meanwhile, and that must not bless a read made with
+    /// the old one.
     fn consistent<T>(&self, mut f: impl FnMut(&Chain) -> io::Result<T>) -> io::Result<T> {
         loop {
-            let v = f(&self.state.read())?;
-            if !self.stale() {
+            let (v, seq) = {
+                let c = self.state.read();
+                (f(&c)?, c.seq)
+            };
+            if self.seq_now() == seq {
                 return Ok(v);
             }
             self.refresh().map_err(io::Error::other)?;
