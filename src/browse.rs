@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -443,7 +443,7 @@ impl Filesystem for Browse {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let list = match self.node(ino).and_then(|n| self.list(&n)) {
             Ok(l) => l,
@@ -457,12 +457,10 @@ impl Filesystem for Browse {
             list.into_iter()
                 .map(|(n, k, name)| (self.id_of(n), k, name)),
         );
-        for (i, (id, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(id), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
-                break;
-            }
-        }
-        reply.ok();
+        let all = all
+            .into_iter()
+            .map(|(id, kind, name)| (id, kind, std::ffi::OsString::from_vec(name)));
+        crate::mount::handle::reply_entries(reply, offset, all);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

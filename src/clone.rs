@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -691,7 +691,7 @@ impl Filesystem for Clone {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let n = match self.node(ino) {
             Ok(n) => n,
@@ -713,12 +713,10 @@ impl Filesystem for Clone {
                 all.push((c, kind_of(n.read().kind), name));
             }
         }
-        for (i, (id, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(id), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
-                break;
-            }
-        }
-        reply.ok();
+        let all = all
+            .into_iter()
+            .map(|(id, kind, name)| (id, kind, std::ffi::OsString::from_vec(name)));
+        crate::mount::handle::reply_entries(reply, offset, all);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

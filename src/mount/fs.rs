@@ -861,7 +861,7 @@ impl Filesystem for DrFs {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let Some(d) = self.dirs.get(fh.0) else {
             return reply.error(Errno::EBADF);
@@ -873,12 +873,8 @@ impl Filesystem for DrFs {
                 Err(e) => return reply.error(errno(e)),
             }
         }
-        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), i as u64 + 1, e.kind, &e.name) {
-                break;
-            }
-        }
-        reply.ok();
+        let entries = d.entries.iter().map(|e| (e.ino, e.kind, &e.name));
+        crate::mount::handle::reply_entries(reply, offset, entries);
     }
 
     fn releasedir(

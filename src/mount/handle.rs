@@ -138,6 +138,21 @@ pub struct DirEntry {
     pub name: OsString,
 }
 
+/// Fills a READDIR reply from a whole listing (`.` and `..` first), starting at entry
+/// `offset`; each entry's offset is its position plus one.
+pub fn reply_entries<N: AsRef<std::ffi::OsStr>>(
+    mut reply: fuser::ReplyDirectory,
+    offset: u64,
+    entries: impl IntoIterator<Item = (u64, fuser::FileType, N)>,
+) {
+    for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+        if reply.add(fuser::INodeNo(ino), i as u64 + 1, kind, name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 /// A table from the u64 handles the kernel holds to our open objects.
 pub struct Table<T> {
     map: RwLock<HashMap<u64, Arc<T>>>,
