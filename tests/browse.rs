@@ -99,6 +99,17 @@ fn browse(r: &Rep, at: &Path) {
     );
 }
 
+/// A replica (keeping every point for an hour) with one point of a `size` disk.raw of
+/// random data, browsed at `browse/`: (replica, the point, the browse mountpoint).
+fn one_point_browsed(name: &str, size: u64) -> (Rep, String, PathBuf) {
+    let r = Rep::new(name, "manual", "all:1h");
+    random_at(&r.f.m("disk.raw"), 0, size);
+    let p1 = r.ship();
+    let br = r.f.mountpoint("browse");
+    browse(&r, &br);
+    (r, p1, br)
+}
+
 fn point_of_latest(br: &Path) -> String {
     fs::read_link(br.join("latest"))
         .unwrap()
@@ -477,13 +488,9 @@ fn one_open_file_read_by_many_threads_stays_right_across_applies() {
     // Every cycle moves blocks of the open point out of the latest file; the first reads
     // after it run with a stale chain on several threads at once, and a thread that
     // brings the chain up to date must not bless another's stale read.
-    let r = Rep::new("threads", "manual", "all:1h");
+    let (r, p1, br) = one_point_browsed("threads", 16 * M);
     let disk = r.f.m("disk.raw");
-    random_at(&disk, 0, 16 * M);
-    let p1 = r.ship();
     let want = fs::read(r.snaps.join(&p1).join("disk.raw")).unwrap();
-    let br = r.f.mountpoint("browse");
-    browse(&r, &br);
     let f = Arc::new(
         std::os::unix::fs::OpenOptionsExt::custom_flags(
             fs::OpenOptions::new().read(true),
@@ -697,11 +704,7 @@ fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
     // fuser 0.18 unmounts by path when a session ends (see `mount::attach`): a browse
     // unmounted lazily, whose last open file closes after a new browse was mounted at the
     // same path, must not take the new one down with it.
-    let r = Rep::new("remount", "manual", "all:7d");
-    random_at(&r.f.m("disk.raw"), 0, M);
-    r.ship();
-    let br = r.f.mountpoint("browse");
-    browse(&r, &br);
+    let (r, _, br) = one_point_browsed("remount", M);
     let old = daemons_of(&br);
     let open = fs::File::open(br.join("latest").join("disk.raw")).unwrap();
     ok(drfs().arg("unmount").arg("--lazy").arg(&br));
@@ -734,11 +737,7 @@ fn readahead_kb(dev: u64) -> Option<u64> {
 
 #[test]
 fn browse_reads_ahead_like_the_replica_disk() {
-    let r = Rep::new("readahead", "manual", "all:7d");
-    random_at(&r.f.m("disk.raw"), 0, M);
-    r.ship();
-    let br = r.f.mountpoint("browse");
-    browse(&r, &br);
+    let (r, _, br) = one_point_browsed("readahead", M);
     let disk = fs::metadata(&r.replica).unwrap().dev();
     let mnt = fs::metadata(&br).unwrap().dev();
     let got = readahead_kb(mnt).expect("the browse mount has a bdi");
@@ -871,21 +870,6 @@ fn restore_is_exact_sparse_verified_and_shows_progress() {
         "{err:?}"
     );
     assert!(!bad.exists(), "a failed restore left {}", bad.display());
-}
-
-fn fails(out: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
-fn run(args: &[&std::ffi::OsStr]) -> Output {
-    drfs().args(args).output().unwrap()
 }
 
 /// Everything under `dir` (names and sizes), to show a refused command changed nothing.

@@ -6,26 +6,10 @@
 mod common;
 
 use std::fs;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// Asserts a failure with a single-line message containing `needle`.
-fn fails(out: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
-fn run(args: &[&std::ffi::OsStr]) -> Output {
-    drfs().args(args).output().unwrap()
-}
 
 #[test]
 fn bad_mount_arguments_get_one_line_errors() {

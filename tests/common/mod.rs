@@ -273,3 +273,20 @@ pub fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 pub mod rep;
+
+/// Asserts a failure with a single-line message containing `needle`.
+pub fn fails(out: std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `drfs ARGS`, its output.
+pub fn run(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    drfs().args(args).output().unwrap()
+}
