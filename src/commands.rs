@@ -237,14 +237,20 @@ pub fn restore(
 /// Checks that a mountpoint is usable and outside the replica.
 fn outside(r: &Replica, p: &Path, what: &str) -> Result<std::path::PathBuf> {
     let mnt = crate::daemon::mountpoint(p)?;
-    if mnt.starts_with(&r.root) {
+    not_inside(r, &mnt, what)?;
+    Ok(mnt)
+}
+
+/// Refuses an absolute path inside the replica.
+fn not_inside(r: &Replica, abs: &Path, what: &str) -> Result<()> {
+    if abs.starts_with(&r.root) {
         bail!(
             "{what} {} is inside the replica {}",
-            mnt.display(),
+            abs.display(),
             r.root.display()
         );
     }
-    Ok(mnt)
+    Ok(())
 }
 
 pub fn browse(
@@ -309,14 +315,8 @@ pub fn test_failover(
     }
     // Check everything before making anything.
     crate::view::PointView::open(&r, point)?;
-    let abs = crate::daemon::resolved(at)?;
-    if abs.starts_with(&r.root) {
-        bail!(
-            "--at {} is inside the replica {}",
-            abs.display(),
-            r.root.display()
-        );
-    }
+    // Before anything is created there (`outside` checks again once it exists).
+    not_inside(&r, &crate::daemon::resolved(at)?, "--at")?;
     if let Some(s) = crate::clone::running(&r) {
         bail!(
             "a test failover of {} is already running at {} (point {}); stop it with `drfs test-failover {} --stop`",
