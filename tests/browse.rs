@@ -253,8 +253,7 @@ fn single_files_come_back_from_a_guest_filesystem_of_a_point() {
     let r = Rep::new("item", "manual", "all:1h,hourly:24h");
     let f = &r.f;
     let img = f.m("guest.img");
-    fs::File::create(&img).unwrap().set_len(64 * M).unwrap();
-    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&img));
+    make_ext4(&img, 64 * M, &[]);
     let guest = f.mountpoint("guest");
     let conf = |g: &Path| g.join("etc/app.conf");
     in_guest(&img, &guest, |g| {
@@ -396,8 +395,7 @@ fn single_files_come_back_from_a_qcow2_guest_image_of_a_point() {
     let r = Rep::new("qitem", "manual", "all:1h,hourly:24h");
     let f = &r.f;
     let raw = f.root.join("scratch.raw");
-    fs::File::create(&raw).unwrap().set_len(64 * M).unwrap();
-    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&raw));
+    make_ext4(&raw, 64 * M, &[]);
     let qcow = f.m("vm.qcow2");
     ok(Command::new(need("qemu-img"))
         .args(["convert", "-q", "-O", "qcow2"])

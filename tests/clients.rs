@@ -263,10 +263,7 @@ fn ext4_in_an_image_on_the_mount() {
     let img = f.m("ext4.img");
     let inner = f.root.join("inner");
     fs::create_dir(&inner).unwrap();
-    ok(Command::new(need("truncate"))
-        .args(["-s", "512M"])
-        .arg(&img));
-    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&img));
+    make_ext4(&img, 512 << 20, &[]);
     ok(Command::new("mount")
         .args(["-o", "loop"])
         .arg(&img)

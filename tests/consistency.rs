@@ -148,10 +148,7 @@ fn ext4_written_during_cycles_is_clean_in_every_point() {
     let img = f.m("fs.img");
     let inner = f.root.join("inner");
     fs::create_dir(&inner).unwrap();
-    ok(Command::new(need("truncate"))
-        .args(["-s", "256M"])
-        .arg(&img));
-    ok(Command::new(need("mkfs.ext4")).args(["-q", "-F"]).arg(&img));
+    make_ext4(&img, 256 << 20, &[]);
     ok(Command::new("mount")
         .args(["-o", "loop"])
         .arg(&img)

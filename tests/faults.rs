@@ -181,10 +181,7 @@ fn a_full_replica_disk_is_recoverable() {
     let img = f.root.join("small.img");
     let mnt = f.root.join("small");
     fs::create_dir(&mnt).unwrap();
-    ok(Command::new(need("truncate")).args(["-s", "96M"]).arg(&img));
-    ok(Command::new(need("mkfs.ext4"))
-        .args(["-q", "-F", "-m", "0"])
-        .arg(&img));
+    make_ext4(&img, 96 << 20, &["-m", "0"]);
     ok(Command::new("mount")
         .args(["-o", "loop"])
         .arg(&img)

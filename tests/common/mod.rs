@@ -275,7 +275,7 @@ pub fn os(s: &str) -> &OsStr {
 pub mod rep;
 
 /// Asserts a failure with a single-line message containing `needle`.
-pub fn fails(out: std::process::Output, needle: &str) {
+pub fn fails(out: Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -287,6 +287,19 @@ pub fn fails(out: std::process::Output, needle: &str) {
 }
 
 /// `drfs ARGS`, its output.
-pub fn run(args: &[&std::ffi::OsStr]) -> std::process::Output {
+pub fn run(args: &[&OsStr]) -> Output {
     drfs().args(args).output().unwrap()
+}
+
+/// Makes `img` a sparse file of `size` bytes holding a fresh ext4 (mkfs.ext4 -q -F and
+/// `extra` options).
+pub fn make_ext4(img: &Path, size: u64, extra: &[&str]) {
+    std::fs::File::create(img)
+        .expect("image file")
+        .set_len(size)
+        .expect("image size");
+    ok(Command::new(need("mkfs.ext4"))
+        .args(["-q", "-F"])
+        .args(extra)
+        .arg(img));
 }
