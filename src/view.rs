@@ -146,13 +146,15 @@ impl PointView {
         }
     }
 
-    /// Opens a file of this point for reading.
+    /// Opens a file of this point for reading through the replica host's page cache.
     pub fn file(&self, e: &Entry) -> Result<PointFile> {
         self.open_file(e, false)
     }
 
-    /// Opens a file of this point for a client that reads with O_DIRECT: aligned reads
-    /// then bypass the replica host's page cache too, as they would on a plain file.
+    /// Opens a file of this point whose aligned reads bypass the replica host's page
+    /// cache (O_DIRECT on the replica's files where their filesystem allows it; other
+    /// reads stay buffered). For a client that reads with O_DIRECT, and for a mount whose
+    /// kernel caches the point's pages itself.
     pub fn file_direct(&self, e: &Entry) -> Result<PointFile> {
         self.open_file(e, true)
     }
@@ -182,7 +184,7 @@ struct Layer {
     generation: u64,
     file: UndoFile,
     data: File,
-    /// `data` opened with O_DIRECT, for a direct reader.
+    /// `data` opened with O_DIRECT, for an uncached file.
     direct: Option<File>,
     hashes: Option<Hashes>,
 }
@@ -195,7 +197,7 @@ struct Chain {
     /// Undo records taken in: point id -> inode of its index when it was read.
     seen: HashMap<String, u64>,
     latest: Option<File>,
-    /// `latest` opened with O_DIRECT, for a direct reader.
+    /// `latest` opened with O_DIRECT, for an uncached file.
     latest_direct: Option<File>,
     latest_hashes: Option<Hashes>,
     /// The file is not among the latest files (a record holds it whole).
@@ -210,7 +212,7 @@ pub struct PointFile {
     pub size: u64,
     bs: u64,
     from: u64,
-    /// The client reads with O_DIRECT.
+    /// Aligned reads go to the replica with O_DIRECT.
     direct: bool,
     replica: Replica,
     state: RwLock<Chain>,
@@ -329,7 +331,7 @@ impl PointFile {
         }))
     }
 
-    /// `p` opened with O_DIRECT if this file's reader is direct and the filesystem
+    /// `p` opened with O_DIRECT if this file's reads are uncached and the filesystem
     /// allows it (else reads stay buffered).
     fn open_direct(&self, p: &std::path::Path) -> Option<File> {
         use std::os::unix::fs::OpenOptionsExt;

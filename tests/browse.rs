@@ -746,6 +746,51 @@ fn browse_reads_ahead_like_the_replica_disk() {
     );
 }
 
+/// Bytes of `p` in the page cache.
+fn cached_bytes(p: &Path) -> u64 {
+    let out = ok(Command::new(need("fincore"))
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(p));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn a_buffered_read_of_a_point_is_cached_once() {
+    // Point 1 then half the disk overwritten (point 2): point 1 reads from its undo
+    // record and from the latest file.
+    let (r, p1, br) = one_point_browsed("cached-once", 32 * M);
+    let want = fs::read(r.f.m("disk.raw")).unwrap();
+    random_at(&r.f.m("disk.raw"), 8 * M, 16 * M);
+    r.ship();
+    let undo = r.replica.join(".drfs/points").join(&p1).join("undo");
+    let mut sources = vec![r.replica.join("disk.raw")];
+    for e in fs::read_dir(&undo).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "data") {
+            sources.push(p);
+        }
+    }
+    assert_eq!(sources.len(), 2, "one undo data file in {}", undo.display());
+    for s in &sources {
+        ok(Command::new("dd").arg(format!("if={}", s.display())).args([
+            "iflag=nocache",
+            "count=0",
+            "status=none",
+        ]));
+        assert_eq!(cached_bytes(s), 0, "{} left the cache", s.display());
+    }
+    let got = fs::read(br.join("points").join(&p1).join("disk.raw")).unwrap();
+    assert!(got == want, "point 1 reads as the primary was at its cut");
+    for s in &sources {
+        assert_eq!(
+            cached_bytes(s),
+            0,
+            "reading the point through browse cached {} a second time",
+            s.display()
+        );
+    }
+}
+
 fn du_kib(p: &Path) -> u64 {
     fs::metadata(p).unwrap().blocks() / 2
 }
