@@ -326,23 +326,21 @@ impl PointFile {
             generation,
             file: f.clone(),
             data: File::open(&dp).at(&dp)?,
-            direct: self.open_direct(&dp),
+            direct: self.if_direct(|| {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&dp)
+            }),
             hashes: Hashes::open_ro(&hp).ok(),
         }))
     }
 
-    /// `p` opened with O_DIRECT if this file's reads are uncached and the filesystem
-    /// allows it (else reads stay buffered).
-    fn open_direct(&self, p: &std::path::Path) -> Option<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.direct
-            .then(|| {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(p)
-            })
-            .and_then(|f| f.ok())
+    /// The O_DIRECT descriptor `open` makes, if this file's reads are uncached and the
+    /// filesystem allows it (else reads stay buffered).
+    fn if_direct(&self, open: impl FnOnce() -> io::Result<File>) -> Option<File> {
+        self.direct.then(open).and_then(|f| f.ok())
     }
 
     /// Opens this file among the latest files (by its path in the latest point).
@@ -357,13 +355,10 @@ impl PointFile {
             Some(e) => {
                 let p = e.path.under(&r.root);
                 c.latest = Some(r.tree.open_file(&e.path, libc::O_RDONLY, 0).at(&p)?);
-                c.latest_direct = self
-                    .direct
-                    .then(|| {
-                        r.tree
-                            .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
-                    })
-                    .and_then(|f| f.ok());
+                c.latest_direct = self.if_direct(|| {
+                    r.tree
+                        .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
+                });
                 c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
             }
             None => c.gone = true,
@@ -371,7 +366,6 @@ impl PointFile {
         Ok(())
     }
 
-    /// Whether an apply started or ended since the chain was brought up to date.
     fn source(c: &Chain, b: u64) -> Src {
         Self::span(c, b, b + 1).0
     }
