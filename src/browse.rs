@@ -589,6 +589,7 @@ pub fn serve(
             return Err(e);
         }
     };
+    crate::daemon::log_to(&r.sd.path("browse.log"));
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!(
@@ -608,14 +609,21 @@ pub fn serve(
         Ok(s) => s,
         Err(e) => {
             let e = crate::error::Error::Invalid(format!("mounting at {}: {e}", mnt.display()));
+            tracing::error!("{e}");
             ready.say(&format!("ERR {e}"));
             return Err(e);
         }
     };
     crate::mount::tune_readahead(mnt, replica);
     ready.say("OK");
+    tracing::info!("browsing {} at {}", replica.display(), mnt.display());
     crate::daemon::watch_signals(signals, mnt.to_path_buf());
-    session
+    let result = session
         .run()
-        .map_err(|e| crate::error::Error::Invalid(format!("browse session: {e}")))
+        .map_err(|e| crate::error::Error::Invalid(format!("browse session: {e}")));
+    match &result {
+        Ok(()) => tracing::info!("{} unmounted", mnt.display()),
+        Err(e) => tracing::error!("{}: {e}", mnt.display()),
+    }
+    result
 }

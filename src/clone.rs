@@ -802,6 +802,7 @@ pub fn serve(
     let signals = crate::daemon::block_signals();
     let start = (|| {
         let r = crate::replica::Replica::open_only(replica)?;
+        crate::daemon::log_to(&r.sd.path("test-failover.log"));
         let lock = lock(&r)?;
         let view = PointView::open(&r, point)?;
         let dir = overlay_dir(&r);
@@ -841,12 +842,14 @@ pub fn serve(
     let (r, _lock, session) = match start {
         Ok(x) => x,
         Err(e) => {
+            tracing::error!("test failover of point {point} at {}: {e}", at.display());
             ready.say(&format!("ERR {e}"));
             return Err(e);
         }
     };
     crate::mount::tune_readahead(at, replica);
     ready.say("OK");
+    tracing::info!("test failover of point {point} at {}", at.display());
     crate::daemon::watch_signals(signals, at.to_path_buf());
     let result = session
         .run()
@@ -854,6 +857,13 @@ pub fn serve(
     // Throwaway: the clone's writes go with it.
     let _ = std::fs::remove_dir_all(overlay_dir(&r));
     let _ = std::fs::remove_file(session_path(&r));
+    match &result {
+        Ok(()) => tracing::info!(
+            "test failover at {} stopped; its writes discarded",
+            at.display()
+        ),
+        Err(e) => tracing::error!("{}: {e}", at.display()),
+    }
     result
 }
 

@@ -279,7 +279,7 @@ pub fn browse(
     if allow_other {
         args.push("--allow-other".into());
     }
-    Ok(crate::daemon::spawn(&args, Path::new("the system log"))?)
+    Ok(crate::daemon::spawn(&args, &r.sd.path("browse.log"))?)
 }
 
 pub fn test_failover(
@@ -343,7 +343,7 @@ pub fn test_failover(
     if allow_other {
         args.push("--allow-other".into());
     }
-    crate::daemon::spawn(&args, Path::new("the system log"))?;
+    crate::daemon::spawn(&args, &r.sd.path("test-failover.log"))?;
     println!(
         "point {point} is at {} as a writable clone; `drfs test-failover {} --stop` discards it",
         at.display(),

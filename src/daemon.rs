@@ -100,6 +100,26 @@ fn notify_systemd() {
     }
 }
 
+/// Sends this daemon's log (INFO and up, and panics) to the end of `path`. Where that
+/// file cannot be opened (a replica on read-only storage) the daemon stays silent.
+pub fn log_to(path: &Path) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Arc::new(file))
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {info}");
+    }));
+}
+
 /// Blocks the stop signals in this thread (and the threads it starts from now on).
 pub fn block_signals() -> libc::sigset_t {
     unsafe {

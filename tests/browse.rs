@@ -722,6 +722,50 @@ fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
     assert!(br.join("latest").join("disk.raw").is_file());
 }
 
+#[test]
+fn browse_and_test_failover_daemons_log_to_the_replica() {
+    let (r, p1, br) = one_point_browsed("logs", M);
+    let pids = daemons_of(&br);
+    ok(drfs().arg("unmount").arg(&br));
+    for pid in pids {
+        let gone = wait_gone(pid, std::time::Duration::from_secs(10));
+        assert!(gone, "the browse daemon {pid} did not exit");
+    }
+    let (rep, br) = (
+        fs::canonicalize(&r.replica).unwrap(),
+        fs::canonicalize(&br).unwrap(),
+    );
+    let log = fs::read_to_string(rep.join(".drfs/browse.log")).unwrap();
+    for line in [
+        format!("browsing {} at {}", rep.display(), br.display()),
+        format!("{} unmounted", br.display()),
+    ] {
+        assert!(log.contains(&line), "browse.log lacks {line:?}:\n{log}");
+    }
+
+    let tf = r.f.mountpoint("failover");
+    ok(drfs()
+        .arg("test-failover")
+        .arg(&r.replica)
+        .args(["--point", &p1, "--at"])
+        .arg(&tf));
+    ok(drfs().arg("test-failover").arg(&r.replica).arg("--stop"));
+    let tf = fs::canonicalize(&tf).unwrap();
+    let log = fs::read_to_string(rep.join(".drfs/test-failover.log")).unwrap();
+    for line in [
+        format!("test failover of point {p1} at {}", tf.display()),
+        format!(
+            "test failover at {} stopped; its writes discarded",
+            tf.display()
+        ),
+    ] {
+        assert!(
+            log.contains(&line),
+            "test-failover.log lacks {line:?}:\n{log}"
+        );
+    }
+}
+
 /// `read_ahead_kb` of device `dev`: its bdi, or a partition's disk.
 fn readahead_kb(dev: u64) -> Option<u64> {
     let d = format!("{}:{}", libc::major(dev), libc::minor(dev));

@@ -133,7 +133,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
     let (tracker, lock) = if opts.track {
         let (sd, cfg) = StateDir::open_or_init(store, opts.block_size)?;
         let lock = sd.lock()?;
-        init_logging(&sd);
+        daemon::log_to(&sd.path("daemon.log"));
         let last = sd.begin_run(mnt)?;
         tracing::info!(
             "mounting {} at {} (previous stop: {last:?})",
@@ -220,25 +220,6 @@ impl Running {
         }
         Ok(())
     }
-}
-
-fn init_logging(sd: &StateDir) {
-    let p = sd.path("daemon.log");
-    let Ok(file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&p)
-    else {
-        return;
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_writer(Arc::new(file))
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .try_init();
-    std::panic::set_hook(Box::new(|info| {
-        tracing::error!("panic: {info}");
-    }));
 }
 
 fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
