@@ -2,14 +2,20 @@
 //! `drfs test-failover`. The daemon is this same binary re-executed with `--foreground`;
 //! it tells the waiting parent "OK" or the error over an inherited pipe (`DRFS_READY_FD`),
 //! and systemd over `NOTIFY_SOCKET`. SIGTERM, SIGINT and SIGHUP turn into a lazy unmount,
-//! after which the daemon stops once the last open file is closed. This module also checks
-//! mountpoints and detaches stale drfs mounts.
+//! after which the daemon stops once the last open file is closed. Each daemon logs to a
+//! file rotated by size. This module also checks mountpoints and detaches stale drfs
+//! mounts.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use file_rotate::compression::Compression;
+use file_rotate::suffix::AppendCount;
+use file_rotate::{ContentLimit, FileRotate};
 
 use crate::error::{At, Error, Result};
 use crate::mount::mountinfo;
@@ -100,18 +106,37 @@ fn notify_systemd() {
     }
 }
 
-/// Sends this daemon's log (INFO and up, and panics) to the end of `path`. Where that
-/// file cannot be opened (a replica on read-only storage) the daemon stays silent.
-pub fn log_to(path: &Path) {
-    let Ok(file) = std::fs::OpenOptions::new()
+/// A log file grows to this size, then becomes `<name>.1` (the older ones `.2`, `.3`).
+const LOG_BYTES: usize = 16 << 20;
+/// Rotated files kept beside the live one: a log takes at most ~4 × LOG_BYTES.
+const LOG_KEEP: usize = 3;
+
+/// The log file at `path`, rotated by size; None where it cannot be written (a replica on
+/// read-only storage).
+fn log_file(path: &Path, bytes: usize, keep: usize) -> Option<Mutex<FileRotate<AppendCount>>> {
+    // Opened here first: FileRotate does not say when it cannot write.
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-    else {
+        .ok()?;
+    Some(Mutex::new(FileRotate::new(
+        path,
+        AppendCount::new(keep),
+        ContentLimit::BytesSurpassed(bytes),
+        Compression::None,
+        None,
+    )))
+}
+
+/// Sends this daemon's log (INFO and up, and panics) to `path`, rotated by size. Where
+/// that file cannot be opened the daemon stays silent.
+pub fn log_to(path: &Path) {
+    let Some(file) = log_file(path, LOG_BYTES, LOG_KEEP) else {
         return;
     };
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::sync::Arc::new(file))
+        .with_writer(file)
         .with_ansi(false)
         .with_max_level(tracing::Level::INFO)
         .try_init();
@@ -238,4 +263,38 @@ pub fn mountpoint(p: &Path) -> Result<PathBuf> {
         )));
     }
     Ok(mnt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_rotates_by_size_keeps_whole_lines_and_a_bounded_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("daemon.log");
+        let log = log_file(&p, 100, 2).unwrap();
+        for i in 0..40 {
+            let line = format!("line {i:02} {}\n", "x".repeat(20));
+            log.lock().unwrap().write_all(line.as_bytes()).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["daemon.log", "daemon.log.1", "daemon.log.2"]);
+        let newest = std::fs::read_to_string(&p).unwrap();
+        assert!(newest.ends_with(&format!("line 39 {}\n", "x".repeat(20))));
+        for n in &names {
+            let text = std::fs::read_to_string(dir.path().join(n)).unwrap();
+            assert!(text.len() <= 100 + 30, "{n}: {} bytes", text.len());
+            assert!(text.lines().all(|l| l.len() == 28), "{n} has a cut line");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_log_is_none() {
+        assert!(log_file(Path::new("/proc/drfs-no-such/daemon.log"), 100, 2).is_none());
+    }
 }
