@@ -574,6 +574,11 @@ impl Filesystem for Browse {
     }
 }
 
+/// The browse daemons' log.
+pub fn log_path(r: &Replica) -> std::path::PathBuf {
+    r.sd.path("browse.log")
+}
+
 /// Serves `drfs browse` in this process until unmounted.
 pub fn serve(
     replica: &std::path::Path,
@@ -589,7 +594,7 @@ pub fn serve(
             return Err(e);
         }
     };
-    crate::daemon::log_to(&r.sd.path("browse.log"));
+    crate::daemon::log_to(&log_path(&r));
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!(

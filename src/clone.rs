@@ -755,6 +755,11 @@ fn session_path(r: &crate::replica::Replica) -> PathBuf {
     r.sd.path("test-failover.json")
 }
 
+/// The test-failover daemon's log.
+pub fn log_path(r: &crate::replica::Replica) -> PathBuf {
+    r.sd.path("test-failover.log")
+}
+
 fn overlay_dir(r: &crate::replica::Replica) -> PathBuf {
     r.sd.path("test-failover")
 }
@@ -802,7 +807,7 @@ pub fn serve(
     let signals = crate::daemon::block_signals();
     let start = (|| {
         let r = crate::replica::Replica::open_only(replica)?;
-        crate::daemon::log_to(&r.sd.path("test-failover.log"));
+        crate::daemon::log_to(&log_path(&r));
         let lock = lock(&r)?;
         let view = PointView::open(&r, point)?;
         let dir = overlay_dir(&r);

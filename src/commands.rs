@@ -279,7 +279,7 @@ pub fn browse(
     if allow_other {
         args.push("--allow-other".into());
     }
-    Ok(crate::daemon::spawn(&args, &r.sd.path("browse.log"))?)
+    Ok(crate::daemon::spawn(&args, &crate::browse::log_path(&r))?)
 }
 
 pub fn test_failover(
@@ -343,7 +343,7 @@ pub fn test_failover(
     if allow_other {
         args.push("--allow-other".into());
     }
-    crate::daemon::spawn(&args, &r.sd.path("test-failover.log"))?;
+    crate::daemon::spawn(&args, &crate::clone::log_path(&r))?;
     println!(
         "point {point} is at {} as a writable clone; `drfs test-failover {} --stop` discards it",
         at.display(),

@@ -101,7 +101,7 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
     if !opts.track {
         args.push("--no-track".into());
     }
-    daemon::spawn(&args, &StateDir::new(&store).path("daemon.log"))
+    daemon::spawn(&args, &log_path(&StateDir::new(&store)))
 }
 
 fn serve(opts: &MountOpts, store: &Path, mnt: &Path, mut ready: Ready) -> Result<()> {
@@ -133,7 +133,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
     let (tracker, lock) = if opts.track {
         let (sd, cfg) = StateDir::open_or_init(store, opts.block_size)?;
         let lock = sd.lock()?;
-        daemon::log_to(&sd.path("daemon.log"));
+        daemon::log_to(&log_path(&sd));
         let last = sd.begin_run(mnt)?;
         tracing::info!(
             "mounting {} at {} (previous stop: {last:?})",
@@ -220,6 +220,11 @@ impl Running {
         }
         Ok(())
     }
+}
+
+/// The store daemon's log.
+fn log_path(sd: &StateDir) -> PathBuf {
+    sd.path("daemon.log")
 }
 
 fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
@@ -351,7 +356,7 @@ fn wait_exit(pid: i32, sd: &StateDir) -> Result<()> {
     if sd.exists() && !sd.is_clean() {
         return Err(Error::Invalid(format!(
             "the drfs daemon exited without a clean stop; see {}",
-            sd.path("daemon.log").display()
+            log_path(sd).display()
         )));
     }
     Ok(())
