@@ -1,13 +1,14 @@
 //! What tracking costs a write, without the noise of a FUSE round trip: the tracker's
 //! `begin_write` on a hot extent (the path every write takes once its 64 MiB extent is in
-//! the activity log) for a 4 KiB and a 1 MiB write, and the bitmap's bit-set alone.
+//! the activity log, its begin and end stamped) for a 4 KiB and a 1 MiB write, and the
+//! bitmap's bit-set alone.
 //! Run: cargo bench --bench track
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use drfs::relpath::RelPath;
-use drfs::state::{LastStop, StateDir};
+use drfs::state::{LastStop, RunStart, StateDir};
 use drfs::track::Tracker;
 use drfs::track::bitmap::Bitmap;
 
@@ -16,7 +17,7 @@ fn tracker(c: &mut Criterion) {
     let store = dir.path().join("store");
     std::fs::create_dir(&store).expect("store");
     let (sd, cfg) = StateDir::open_or_init(&store, None).expect("state");
-    let t = Tracker::open(sd, cfg, dir.path(), LastStop::Fresh).expect("tracker");
+    let t = Tracker::open(sd, cfg, dir.path(), LastStop::Fresh, RunStart::now()).expect("tracker");
     let img = store.join("disk.img");
     std::fs::write(&img, b"").expect("image");
     let open = || std::fs::File::open(&img);

@@ -99,8 +99,7 @@ pub fn ship(store: &Path, resync: bool) -> Result<i32> {
             return Ok(1);
         }
     };
-    let last = sd.begin_run(Path::new("(drfs ship)"))?;
-    let tracker = Tracker::open(sd.clone(), cfg, Path::new("(drfs ship)"), last)?;
+    let tracker = Tracker::start(sd.clone(), cfg, Path::new("(drfs ship)"))?;
     let o = cycle::run(
         &tracker,
         CycleOpts {

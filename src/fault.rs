@@ -1,6 +1,8 @@
 //! Fault injection for the crash tests: `DRFS_FAULT=NAME` makes the process SIGKILL itself
 //! when it reaches the point called NAME (an apply phase, or a count of received blocks),
 //! so tests can stop it at every step that matters. Unset, it costs one lookup per point.
+//! `DRFS_TEST_BOOT_NS=T` makes this boot seem to have begun at T (ns since the epoch), for
+//! the simulated host-crash test.
 
 use std::sync::OnceLock;
 
@@ -24,4 +26,10 @@ pub fn hit_nth(kind: &str, n: u64) {
     if at.and_then(|x| x.parse::<u64>().ok()) == Some(n) {
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
+}
+
+/// The boot time a simulated host crash sets (`DRFS_TEST_BOOT_NS`).
+pub fn boot_ns() -> Option<i128> {
+    static B: OnceLock<Option<i128>> = OnceLock::new();
+    *B.get_or_init(|| std::env::var("DRFS_TEST_BOOT_NS").ok()?.parse().ok())
 }

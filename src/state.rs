@@ -23,6 +23,8 @@ pub const DEFAULT_AL_EXTENT: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_AL_SLOTS: u32 = 2048;
 /// Margin for the kernel's coarse timestamps when comparing ctimes with our clock.
 const CLOCK_MARGIN_NS: i128 = 50_000_000;
+/// How often the daemon writes its heartbeat.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,15 +69,56 @@ pub struct Replication {
     pub replica_id: String,
 }
 
-/// How the previous mount of this store ended.
+/// How the previous run of this store (a mount, or an unmounted `drfs ship`) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LastStop {
     /// No mount has tracked this store yet.
     Fresh,
     /// Clean unmount: a file whose ctime is at or after `since_ns` changed while unmounted.
     Clean { since_ns: i128 },
-    /// The daemon died. `same_boot` means its page cache (bitmaps) survived.
-    Crashed { same_boot: bool, since_ns: i128 },
+    /// The daemon died and the machine kept running: its bitmaps and stamps are whole.
+    Killed(Died),
+    /// The machine restarted under a running daemon (the boot id changed): bitmaps may
+    /// have lost bits, which the activity log covers. A file whose ctime is at or after
+    /// `boot_ns` changed after the restart.
+    HostCrash { boot_ns: i128 },
+}
+
+/// What a daemon that died left to judge its files by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Died {
+    /// Its run, if it stamped its operations (`track::stamps`); older daemons did not.
+    pub run: Option<u64>,
+    /// When its run began to watch the store: a ctime at or before it was seen then.
+    pub watch_ns: Option<i128>,
+    /// Its last heartbeat: it was alive then (0 if none was written).
+    pub alive_ns: i128,
+}
+
+impl Died {
+    /// The store-wide rule for daemons that left no stamps: any file changed at or after
+    /// the last heartbeat (less the margin for coarse timestamps) is suspect.
+    pub fn since_ns(&self) -> i128 {
+        self.alive_ns - CLOCK_MARGIN_NS
+    }
+}
+
+/// A run about to start: its id (in `run.json` and the stamps) and when it began to
+/// watch the store.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart {
+    pub id: u64,
+    pub watch_ns: i128,
+}
+
+impl RunStart {
+    pub fn now() -> RunStart {
+        let id = u64::from_str_radix(&new_id(), 16).unwrap_or(1).max(1);
+        RunStart {
+            id,
+            watch_ns: sys::now_ns(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,6 +133,12 @@ pub struct RunInfo {
     pub boot_id: String,
     pub mountpoint: PathBuf,
     pub started: String,
+    /// The run's id (absent in runs of drfs before stamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
+    /// When the run began to watch the store, ns since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_ns: Option<i128>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,14 +300,16 @@ impl StateDir {
         Ok(f)
     }
 
-    /// Reads the previous stop and records that a new mount is running.
-    pub fn begin_run(&self, mountpoint: &Path) -> Result<LastStop> {
-        let last = self.last_stop()?;
+    /// Records that run `run` tracks the store now (after its reconcile: until then the
+    /// previous run's markers still say how to judge the store).
+    pub fn begin_run(&self, mountpoint: &Path, run: &RunStart) -> Result<()> {
         let info = RunInfo {
             pid: std::process::id() as i32,
             boot_id: sys::boot_id(),
             mountpoint: mountpoint.to_path_buf(),
             started: rfc3339_now(),
+            run: Some(run.id),
+            watch_ns: Some(run.watch_ns),
         };
         let p = self.path("run.json");
         let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -268,11 +319,11 @@ impl StateDir {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&clean),
             _ => {}
         }
-        sys::fsync_dir(&self.dir).at(&self.dir)?;
-        Ok(last)
+        sys::fsync_dir(&self.dir).at(&self.dir)
     }
 
-    fn last_stop(&self) -> Result<LastStop> {
+    /// How the previous run ended.
+    pub fn last_stop(&self) -> Result<LastStop> {
         let clean = self.path("clean.json");
         if let Ok(text) = fs::read_to_string(&clean) {
             let m: CleanMarker =
@@ -284,11 +335,16 @@ impl StateDir {
         let Some(info) = self.run_info() else {
             return Ok(LastStop::Fresh);
         };
-        let since_ns = self.heartbeat_ns().unwrap_or(0) - CLOCK_MARGIN_NS;
-        Ok(LastStop::Crashed {
-            same_boot: info.boot_id == sys::boot_id() && !info.boot_id.is_empty(),
-            since_ns,
-        })
+        if info.boot_id.is_empty() || info.boot_id != sys::boot_id() {
+            return Ok(LastStop::HostCrash {
+                boot_ns: sys::boot_ns(),
+            });
+        }
+        Ok(LastStop::Killed(Died {
+            run: info.run,
+            watch_ns: info.watch_ns,
+            alive_ns: self.heartbeat_ns().unwrap_or(0),
+        }))
     }
 
     pub fn run_info(&self) -> Option<RunInfo> {
@@ -313,7 +369,7 @@ impl StateDir {
         self.path("clean.json").exists()
     }
 
-    /// The heartbeat file the daemon rewrites every 100 ms while it runs.
+    /// The heartbeat file the daemon rewrites every `HEARTBEAT` while it runs.
     pub fn open_heartbeat(&self) -> Result<File> {
         let p = self.path("heartbeat");
         OpenOptions::new()

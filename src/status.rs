@@ -62,6 +62,9 @@ pub struct StoreStatus {
     pub last_error: Option<String>,
     pub failed_last_hour: u32,
     pub cycles_last_hour: u32,
+    /// What the last crash cost, as the mount after it found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<track::recovery::Recovery>,
     pub files: Vec<FileStatus>,
 }
 
@@ -193,6 +196,7 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         last_cycle: st.last.clone(),
         failed_last_hour: failed,
         cycles_last_hour: recent.len() as u32,
+        last_recovery: track::recovery::Recovery::load(&sd.path("recovery.json")),
         files,
     })
 }
@@ -284,6 +288,9 @@ pub fn render_store(s: &StoreStatus) -> String {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(r) = &s.last_recovery {
+        o += &format!("crash     {} ({})\n", r.summary(), r.time);
     }
     o += &format!(
         "\n{:<40} {:<8} {:>12} {}\n",

@@ -240,6 +240,20 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// When this boot began, on the realtime clock as it reads now (realtime minus the time
+/// since boot, suspend included), in ns since the epoch.
+pub fn boot_ns() -> i128 {
+    if let Some(t) = crate::fault::boot_ns() {
+        return t;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    now_ns() - (i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
+}
+
 /// Wall-clock time in nanoseconds since the epoch.
 pub fn now_ns() -> i128 {
     std::time::SystemTime::now()

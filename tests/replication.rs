@@ -250,3 +250,69 @@ fn retention_drops_oldest_and_merges_intermediate_points() {
     r.check_point(&p4);
     f.unmount();
 }
+
+#[test]
+fn a_sigkill_under_writes_costs_the_next_cycle_only_the_marked_blocks() {
+    const SIZE: u64 = 1 << 30;
+    let r = Rep::new("kill-ship", "manual", "all:1h");
+    let f = &r.f;
+    fs::File::create(f.m("disk.raw"))
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    qemu_io(
+        &["-f", "raw", "-t", "none", "-c", "write -P 0x3c 0 64M"],
+        &f.m("disk.raw"),
+    );
+    r.ship();
+    // A VM's steady 4 KiB random writes (qemu cache=none), killed mid-stream.
+    let mut fio = Command::new(need("fio"))
+        .arg(format!("--filename={}", f.m("disk.raw").display()))
+        .args([
+            "--name=vm",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=16",
+            "--rate_iops=2000",
+            "--time_based",
+            "--runtime=30",
+            "--output-format=terse",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    f.kill_daemon();
+    let _ = fio.wait();
+    f.mount(&[]);
+    let c = f.file_changes("disk.raw");
+    assert_eq!(c["needs_resync"], false, "a SIGKILL forced a resync: {c}");
+    let marked = f.dirty_blocks("disk.raw").len() as u64 * 65536;
+    assert!(marked > 0, "fio wrote nothing before the kill");
+    ok(drfs().arg("ship").arg(&f.store));
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.s(".drfs/cycle.json")).unwrap()).unwrap();
+    let (sent, data) = (
+        st["last"]["bytes"].as_u64().unwrap(),
+        st["last"]["data_bytes"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "after the kill: {marked} bytes marked ({:.2} % of the {} MiB disk); the next cycle sent {sent} bytes ({data} of block data): {:.2} % of the disk",
+        marked as f64 * 100.0 / SIZE as f64,
+        SIZE >> 20,
+        sent as f64 * 100.0 / SIZE as f64
+    );
+    assert!(
+        data <= marked,
+        "the cycle sent {data} bytes of data, more than the {marked} marked"
+    );
+    assert!(
+        sent <= marked + marked / 50 + (1 << 20),
+        "the cycle sent {sent} bytes for {marked} marked"
+    );
+    r.check_latest();
+    f.unmount();
+}

@@ -30,7 +30,7 @@ use crate::relpath::RelPath;
 use crate::state::STATE_DIR;
 use crate::sys;
 use crate::track::changelog::Op;
-use crate::track::{FileTrack, Guard, NsGuard, Tracker};
+use crate::track::{FileId, FileTrack, Guard, NsGuard, Tracker};
 
 const TTL: Duration = Duration::from_secs(1);
 /// copy_file_range replies with a u32 count; copy at most this much per call.
@@ -212,8 +212,26 @@ impl DrFs {
         Ok((self.inodes.insert(fd, &st), attr))
     }
 
-    fn gate(&self) -> Option<NsGuard<'_>> {
-        self.tracker.as_deref().map(Tracker::begin)
+    /// Holds the tracker's gate for a namespace or metadata change that may change the
+    /// ctime of the regular files `on` (stamped, see `track::stamps`).
+    fn gate(&self, on: [Option<FileId>; 2]) -> Option<NsGuard<'_>> {
+        self.tracker.as_deref().map(|t| t.begin(on))
+    }
+
+    /// The tracked id of a regular file's inode.
+    fn id_of(&self, inode: &Inode) -> Option<FileId> {
+        if !inode.is_file() {
+            return None;
+        }
+        if let Some(ft) = inode.tracked() {
+            return Some(ft.id);
+        }
+        self.tracker.as_ref()?.id_of(inode.ino, inode.birth())
+    }
+
+    /// The tracked id of the regular file at `path`.
+    fn id_at(&self, path: &RelPath) -> Option<FileId> {
+        self.tracker.as_ref()?.id_at(path)
     }
 
     fn log(&self, op: Op) {
@@ -255,8 +273,9 @@ impl DrFs {
         if let Some(size) = a.size {
             self.truncate(&inode, handle.as_deref(), size)?;
         }
+        let id = self.id_of(&inode);
         if a.uid.is_some() || a.gid.is_some() {
-            let _g = self.gate();
+            let _g = self.gate([id, None]);
             let r = unsafe {
                 libc::fchownat(
                     inode.fd.as_raw_fd(),
@@ -274,7 +293,7 @@ impl DrFs {
             });
         }
         if let Some(mode) = a.mode {
-            let _g = self.gate();
+            let _g = self.gate([id, None]);
             let p = sys::proc_fd(inode.fd.as_raw_fd());
             sys::cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) }).map_err(errno)?;
             self.log(Op::Chmod {
@@ -283,7 +302,7 @@ impl DrFs {
             });
         }
         if a.atime.is_some() || a.mtime.is_some() {
-            let _g = self.gate();
+            let _g = self.gate([id, None]);
             self.utimens(&inode, [timespec(a.atime), timespec(a.mtime)])?;
             self.log(Op::Utimens {
                 path: self.rel(&inode),
@@ -357,7 +376,8 @@ impl DrFs {
         let p = self.inode(parent)?;
         let c = sys::cstr(name).map_err(errno)?;
         let _c = self.caller(req);
-        let _g = self.gate();
+        let _g = self.gate([None, None]);
+        let began = sys::now_ns();
         make(&p, &c).map_err(errno)?;
         let (inode, attr) = self.lookup_in(&p, name)?;
         let path = self.rel_child(&p, name);
@@ -367,6 +387,7 @@ impl DrFs {
                 let ft = t
                     .created(path, inode.ino, inode.birth(), attr.perm.into(), &open)
                     .map_err(terr)?;
+                t.stamp_done(ft.id, began);
                 inode.track(|| Ok::<_, Errno>(ft))?;
             }
         } else {
@@ -676,7 +697,9 @@ impl Filesystem for DrFs {
                 sys::cstr(newname).map_err(errno)?,
             );
             let _c = self.caller(req);
-            let _g = self.gate();
+            let (from, to) = (self.rel_child(&p, name), self.rel_child(&np, newname));
+            // The moved file, and a file it replaces (whose other links remain).
+            let _g = self.gate([self.id_at(&from), self.id_at(&to)]);
             let r = unsafe {
                 libc::renameat2(
                     p.fd.as_raw_fd(),
@@ -688,8 +711,8 @@ impl Filesystem for DrFs {
             };
             sys::cvt(r).map_err(errno)?;
             self.log(Op::Rename {
-                from: self.rel_child(&p, name),
-                to: self.rel_child(&np, newname),
+                from,
+                to,
                 exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
             });
             Ok(())
@@ -713,7 +736,7 @@ impl Filesystem for DrFs {
             let np = self.inode(newparent)?;
             let c = sys::cstr(newname).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate();
+            let _g = self.gate([self.id_of(&i), None]);
             let src = sys::proc_fd(i.fd.as_raw_fd());
             let r = unsafe {
                 libc::linkat(
@@ -938,7 +961,7 @@ impl Filesystem for DrFs {
         let r = self.xattr_path(ino).and_then(|(i, p)| {
             let n = sys::cstr(name).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate();
+            let _g = self.gate([self.id_of(&i), None]);
             sys::setxattr(&p, &n, value, flags).map_err(errno)?;
             self.log(Op::Setxattr {
                 path: self.rel(&i),
@@ -976,7 +999,7 @@ impl Filesystem for DrFs {
         let r = self.xattr_path(ino).and_then(|(i, p)| {
             let n = sys::cstr(name).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate();
+            let _g = self.gate([self.id_of(&i), None]);
             sys::removexattr(&p, &n).map_err(errno)?;
             self.log(Op::Removexattr {
                 path: self.rel(&i),
@@ -1113,14 +1136,16 @@ impl DrFs {
             let p = self.inode(parent)?;
             let c = sys::cstr(name).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate();
+            let path = self.rel_child(&p, name);
+            let dir = flags & libc::AT_REMOVEDIR != 0;
+            // A file's other links remain: its ctime changes.
+            let id = if dir { None } else { self.id_at(&path) };
+            let _g = self.gate([id, None]);
             sys::cvt(unsafe { libc::unlinkat(p.fd.as_raw_fd(), c.as_ptr(), flags) })
                 .map_err(errno)?;
-            let path = self.rel_child(&p, name);
-            self.log(if flags & libc::AT_REMOVEDIR != 0 {
+            self.log(if dir {
                 Op::Rmdir { path }
             } else {
-                let id = self.tracker.as_ref().and_then(|t| t.id_at(&path));
                 Op::Unlink { id, path }
             });
             Ok(())
@@ -1142,7 +1167,8 @@ impl DrFs {
         let p = self.inode(parent)?;
         let c = sys::cstr(name).map_err(errno)?;
         let backing = flags & !(libc::O_DIRECT | libc::O_APPEND | libc::O_NOCTTY);
-        let _g = self.gate();
+        let _g = self.gate([None, None]);
+        let began = sys::now_ns();
         let file = {
             let _c = self.caller(req);
             let fd = sys::openat(p.fd.as_fd(), &c, backing | libc::O_CREAT, mode).map_err(errno)?;
@@ -1163,6 +1189,7 @@ impl DrFs {
                     &open,
                 )
                 .map_err(terr)?;
+            t.stamp_done(ft.id, began);
             inode.track(|| Ok::<_, Errno>(ft))?;
         }
         let (fh, fl) = self.open_file(&inode, flags & !libc::O_CREAT, file)?;

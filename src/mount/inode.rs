@@ -39,6 +39,11 @@ impl Inode {
         crate::sys::btime_ns(self.fd.as_fd())
     }
 
+    /// The tracking of this regular file, if it has been made.
+    pub fn tracked(&self) -> Option<&Arc<FileTrack>> {
+        self.track.get()
+    }
+
     /// The tracking of this regular file, made on first use by `make`.
     pub fn track<E>(
         &self,

@@ -134,16 +134,7 @@ fn start(opts: &MountOpts, store: &Path, mnt: &Path) -> Result<Running> {
         let (sd, cfg) = StateDir::open_or_init(store, opts.block_size)?;
         let lock = sd.lock()?;
         daemon::log_to(&log_path(&sd));
-        let last = sd.begin_run(mnt)?;
-        tracing::info!(
-            "mounting {} at {} (previous stop: {last:?})",
-            store.display(),
-            mnt.display()
-        );
-        (
-            Some(Arc::new(Tracker::open(sd, cfg, mnt, last)?)),
-            Some(lock),
-        )
+        (Some(Arc::new(Tracker::start(sd, cfg, mnt)?)), Some(lock))
     } else {
         let lock = if sd.exists() { Some(sd.lock()?) } else { None };
         (None, lock)
@@ -235,7 +226,7 @@ fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 state::beat(&f);
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(state::HEARTBEAT);
             }
         })
         .at(Path::new("heartbeat thread"))?;

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -27,7 +27,13 @@ pub struct FileTrack {
     size: AtomicU64,
     bits: RwLock<Bits>,
     cow: RwLock<Option<Arc<Cow>>>,
+    /// Its slot in the run's stamps (`UNSET` until its first operation, `NO_SLOT` when
+    /// none was free).
+    stamp: AtomicU32,
 }
+
+const UNSET: u32 = u32::MAX;
+const NO_SLOT: u32 = u32::MAX - 1;
 
 struct Bits {
     maps: [Bitmap; 2],
@@ -91,6 +97,20 @@ impl FileTrack {
                 whole_hot: AtomicBool::new(false),
             }),
             cow: RwLock::new(None),
+            stamp: AtomicU32::new(UNSET),
+        }
+    }
+
+    /// Its stamp slot, taken from `take` on first use.
+    pub(crate) fn stamp_slot(&self, take: impl FnOnce() -> Option<u32>) -> Option<u32> {
+        match self.stamp.load(Ordering::Relaxed) {
+            NO_SLOT => None,
+            UNSET => {
+                let s = take();
+                self.stamp.store(s.unwrap_or(NO_SLOT), Ordering::Relaxed);
+                s
+            }
+            s => Some(s),
         }
     }
 

@@ -16,6 +16,8 @@ pub mod cow;
 pub mod cut;
 pub mod file;
 pub mod reconcile;
+pub mod recovery;
+pub mod stamps;
 pub mod table;
 
 use std::collections::HashMap;
@@ -31,13 +33,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{At, Error, Result};
 use crate::relpath::RelPath;
-use crate::state::{Config, LastStop, StateDir};
+use crate::state::{Config, LastStop, RunStart, StateDir};
 use activity::ActivityLog;
 use bitmap::Bitmap;
 use changelog::{ChangeLog, Op, Record};
 use cow::Cow;
 pub use file::FileTrack;
 use file::{Mark, WHOLE_FILE};
+use stamps::Stamps;
 use table::Table;
 
 /// A file's stable id: random, given once, kept through renames. Printed as 16 hex digits.
@@ -116,13 +119,19 @@ pub struct Tracker {
     inner: Mutex<Inner>,
     open: Mutex<Open>,
     epoch: AtomicU64,
+    stamps: Stamps,
 }
 
-/// Held while an operation changes file data; a checkpoint or cut waits for it.
-pub type Guard<'a> = RwLockReadGuard<'a, ()>;
+/// Held while an operation changes file data; a checkpoint or cut waits for it. Dropping
+/// it stamps the end of the operation (`stamps`).
+pub struct Guard<'a> {
+    _op: Option<stamps::Op<'a>>,
+    _gate: RwLockReadGuard<'a, ()>,
+}
 
-/// Held while an operation changes the namespace or metadata.
+/// Held while an operation changes the namespace or metadata (of the files it names).
 pub struct NsGuard<'a> {
+    _ops: [Option<stamps::Op<'a>>; 2],
     _gate: RwLockReadGuard<'a, ()>,
     _ns: RwLockReadGuard<'a, ()>,
 }
@@ -131,19 +140,40 @@ pub struct NsGuard<'a> {
 pub type Opener<'a> = &'a dyn Fn() -> std::io::Result<File>;
 
 impl Tracker {
-    /// Opens tracking for a store at mount time: merges bits a crash left unshipped,
-    /// replays the activity log after a host crash, reconciles the table with the store,
-    /// and logs what it found.
+    /// Starts tracking a store for a run (a mount, or an unmounted `drfs ship`) that holds
+    /// its lock: judges how the previous run ended, opens the tracking, and records the
+    /// new run once the store is reconciled.
+    pub fn start(state: StateDir, cfg: Config, mountpoint: &Path) -> Result<Tracker> {
+        let last = state.last_stop()?;
+        let run = RunStart::now();
+        tracing::info!(
+            "tracking {} for {} (previous stop: {})",
+            state.store().display(),
+            mountpoint.display(),
+            describe(last)
+        );
+        let t = Tracker::open(state, cfg, mountpoint, last, run)?;
+        t.state.begin_run(mountpoint, &run)?;
+        Ok(t)
+    }
+
+    /// Opens tracking: merges bits a crash left unshipped, replays the activity log after
+    /// a host crash, reconciles the table with the store (by the rule the previous run's
+    /// ending and stamps give), logs what it found, and starts run `run`'s stamps.
     pub fn open(
         state: StateDir,
         cfg: Config,
         mountpoint: &Path,
         last: LastStop,
+        run: RunStart,
     ) -> Result<Tracker> {
         let log_dir = state.path("log");
         let table = Table::load(&state.path(""), &log_dir)?;
         let log = ChangeLog::open(&log_dir)?;
         let (al, found) = ActivityLog::open(&state.path("activity"), cfg.al_slots)?;
+        let stamps_path = state.path("stamps");
+        let rule = reconcile::Rule::after(last, stamps::read(&stamps_path)?);
+        let stamps = Stamps::create(&state.path("stamps.new"), run.id)?;
         let t = Tracker {
             state,
             cfg,
@@ -153,12 +183,10 @@ impl Tracker {
             inner: Mutex::new(Inner { table, log }),
             open: Mutex::new(Open::default()),
             epoch: AtomicU64::new(0),
+            stamps,
         };
         t.merge_frozen()?;
-        if let LastStop::Crashed {
-            same_boot: false, ..
-        } = last
-        {
+        if let LastStop::HostCrash { .. } = last {
             t.replay_activity(&found)?;
         }
         t.al.reset()?;
@@ -173,13 +201,41 @@ impl Tracker {
         })?;
         let ops = {
             let inner = t.inner.lock();
-            reconcile::scan(t.state.store(), &inner.table, last)?
+            reconcile::scan(t.state.store(), &inner.table, &rule)?
         };
+        let mut flagged = Vec::new();
         for op in ops {
+            if let Op::Changed { path, why, .. } | Op::Found { path, why, .. } = &op {
+                flagged.push((path.clone(), why.clone()));
+            }
             t.record(op)?;
         }
         t.save_table()?;
+        // The previous run's stamps have served; this run's take their place.
+        let new = t.state.path("stamps.new");
+        std::fs::rename(&new, &stamps_path).at(&stamps_path)?;
+        if matches!(last, LastStop::Killed(_) | LastStop::HostCrash { .. }) {
+            t.report_recovery(last, flagged)?;
+        }
         Ok(t)
+    }
+
+    /// Says, in the log and in `recovery.json` (for status), what a crash cost.
+    fn report_recovery(&self, last: LastStop, flagged: Vec<(RelPath, String)>) -> Result<()> {
+        let bs = self.cfg.block_size;
+        let ids: Vec<FileId> = self.inner.lock().table.entries().map(|f| f.id).collect();
+        let (mut files, mut blocks) = (0, 0);
+        for id in ids {
+            let n: u64 = bitmap_ranges(&self.state, bs, id)?
+                .iter()
+                .map(|(a, b)| b - a)
+                .sum();
+            files += u64::from(n > 0);
+            blocks += n;
+        }
+        let r = recovery::Recovery::new(describe(last), files, blocks, bs, flagged);
+        r.log();
+        r.save(&self.state.path("recovery.json"))
     }
 
     fn map_paths(&self, id: FileId) -> [PathBuf; 2] {
@@ -261,33 +317,53 @@ impl Tracker {
         &self.cfg
     }
 
-    /// Holds the gate and the namespace lock for a namespace or metadata change.
-    pub fn begin(&self) -> NsGuard<'_> {
+    /// Holds the gate and the namespace lock for a namespace or metadata change, and
+    /// stamps the operation on each of the regular files `on` names.
+    pub fn begin(&self, on: [Option<FileId>; 2]) -> NsGuard<'_> {
         let ns = self.ns.read();
         NsGuard {
+            _ops: on.map(|id| self.stamp(id?)),
             _gate: self.gate.read(),
             _ns: ns,
         }
     }
 
+    fn stamp(&self, id: FileId) -> Option<stamps::Op<'_>> {
+        self.stamps.slot(id.0).map(|s| self.stamps.begin(s))
+    }
+
+    /// Stamps an operation on `id` that began at `began` and is over (a create).
+    pub fn stamp_done(&self, id: FileId, began: i128) {
+        if let Some(s) = self.stamps.slot(id.0) {
+            self.stamps.done(s, began);
+        }
+    }
+
     /// Holds the gate for a data change of a file tracking does not follow.
     pub fn begin_write_none(&self) -> Guard<'_> {
-        self.gate.read()
+        Guard {
+            _op: None,
+            _gate: self.gate.read(),
+        }
     }
 
     /// Marks bytes `[off, off+len)` of a file as changing and saves what a running cycle
-    /// still needs of them; returns holding the gate.
+    /// still needs of them; returns holding the gate. The operation is stamped whatever
+    /// its length (a truncate up or a fallocate changes the file's ctime too).
     pub fn begin_write(&self, ft: &FileTrack, off: u64, len: u64) -> Result<Guard<'_>> {
+        let op = ft
+            .stamp_slot(|| self.stamps.slot(ft.id.0))
+            .map(|s| self.stamps.begin(s));
         loop {
             let g = self.gate.read();
             if len == 0 {
-                return Ok(g);
+                return Ok(Guard { _op: op, _gate: g });
             }
             match ft.try_mark(&self.al, self.cfg.block_size, self.cfg.al_extent, off, len)? {
                 Mark::Done => {
                     let bs = self.cfg.block_size;
                     ft.preserve(off / bs, (off + len - 1) / bs)?;
-                    return Ok(g);
+                    return Ok(Guard { _op: op, _gate: g });
                 }
                 Mark::LogFull => {
                     drop(g);
@@ -426,6 +502,11 @@ impl Tracker {
         self.inner.lock().table.by_path(path).map(|f| f.id)
     }
 
+    /// Id of the regular file with this (inode, birth time) key, if tracked.
+    pub fn id_of(&self, ino: u64, btime: u64) -> Option<FileId> {
+        self.inner.lock().table.by_key(ino, btime).map(|f| f.id)
+    }
+
     /// Appends a change-log record and applies it to the table.
     pub fn record(&self, op: Op) -> Result<Record> {
         let mut inner = self.inner.lock();
@@ -496,12 +577,8 @@ fn describe(last: LastStop) -> String {
     match last {
         LastStop::Fresh => "fresh".into(),
         LastStop::Clean { .. } => "clean".into(),
-        LastStop::Crashed {
-            same_boot: true, ..
-        } => "daemon killed".into(),
-        LastStop::Crashed {
-            same_boot: false, ..
-        } => "host crashed".into(),
+        LastStop::Killed(_) => "daemon killed".into(),
+        LastStop::HostCrash { .. } => "host crashed".into(),
     }
 }
 

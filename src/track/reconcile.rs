@@ -2,8 +2,12 @@
 //! nothing changed while drfs was not watching goes unnoticed. It yields change-log ops:
 //! `Found` for files tracking does not know, `Moved` for known files at new paths,
 //! `Vanished` for known files that are gone, and `Changed` for files whose ctime shows a
-//! change after the previous mount stopped watching (after a clean unmount, or after the
-//! daemon's last heartbeat when it was killed). Those get `needs_resync`: never trusted.
+//! change that drfs did not watch (`Rule`). Those get `needs_resync`: never trusted.
+//!
+//! The rule depends on how the previous run ended: after a clean unmount, anything changed
+//! since it; after a host crash, anything changed since this boot began; after the daemon
+//! was killed, per file, anything changed after the daemon's own last operation on that
+//! file (`stamps`), so files only the daemon wrote keep their bitmaps as the truth.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -11,11 +15,92 @@ use std::path::Path;
 
 use crate::error::{At, Result};
 use crate::relpath::RelPath;
-use crate::state::{LastStop, STATE_DIR};
+use crate::state::{LastStop, STATE_DIR, rfc3339_ns};
 use crate::sys;
 use crate::track::FileId;
 use crate::track::changelog::Op;
+use crate::track::stamps::{Found, Stamp};
 use crate::track::table::Table;
+
+/// How to tell whether a known file changed while drfs did not watch it.
+pub enum Rule {
+    /// Nothing was tracked before: every file is new.
+    Fresh,
+    /// Store-wide: a ctime at or after `since_ns` (a clean stop, a host crash, or a
+    /// killed daemon that left no stamps).
+    Since { since_ns: i128, why: &'static str },
+    /// Per file, after a killed daemon: a ctime later than its own last operation on the
+    /// file could explain; a file it did not touch, later than when its run began.
+    Stamped {
+        watch_ns: i128,
+        alive_ns: i128,
+        found: Found,
+    },
+}
+
+impl Rule {
+    /// The rule for a previous run that ended as `last`; `stamps` are what it left.
+    pub fn after(last: LastStop, stamps: Option<Found>) -> Rule {
+        match last {
+            LastStop::Fresh => Rule::Fresh,
+            LastStop::Clean { since_ns } => Rule::Since {
+                since_ns,
+                why: "changed while not mounted",
+            },
+            LastStop::HostCrash { boot_ns } => Rule::Since {
+                since_ns: boot_ns,
+                why: "changed after the host restarted, before drfs mounted",
+            },
+            LastStop::Killed(d) => match (d.run, d.watch_ns, stamps) {
+                (Some(run), Some(watch_ns), Some(found)) if found.run == run => Rule::Stamped {
+                    watch_ns,
+                    alive_ns: d.alive_ns,
+                    found,
+                },
+                _ => Rule::Since {
+                    since_ns: d.since_ns(),
+                    why: "changed after the daemon died (it left no stamps)",
+                },
+            },
+        }
+    }
+
+    fn is_fresh(&self) -> bool {
+        matches!(self, Rule::Fresh)
+    }
+
+    /// Why file `id` with this ctime cannot be trusted, if it cannot.
+    pub fn changed(&self, id: FileId, ctime: i128) -> Option<String> {
+        match self {
+            Rule::Fresh => None,
+            Rule::Since { since_ns, why } => (ctime >= *since_ns).then(|| (*why).to_string()),
+            Rule::Stamped {
+                watch_ns,
+                alive_ns,
+                found,
+            } => {
+                let bound = match found.files.get(&id.0) {
+                    Some(s) => s.bound(*alive_ns).max(*watch_ns),
+                    // Overflow: an unstamped file may have been in flight at the kill.
+                    None if found.overflow => Stamp {
+                        inflight: 1,
+                        ..Stamp::default()
+                    }
+                    .bound(*alive_ns)
+                    .max(*watch_ns),
+                    None => *watch_ns,
+                };
+                (ctime > bound).then(|| {
+                    format!(
+                        "changed after the daemon died (ctime {}, after its last operation on the file, {})",
+                        rfc3339_ns(ctime),
+                        rfc3339_ns(bound)
+                    )
+                })
+            }
+        }
+    }
+}
 
 struct Seen {
     paths: Vec<RelPath>,
@@ -66,13 +151,9 @@ fn walk(root: &Path) -> Result<BTreeMap<(u64, u64), Seen>> {
 }
 
 /// The ops that bring the table in line with the store.
-pub fn scan(root: &Path, table: &Table, last: LastStop) -> Result<Vec<Op>> {
+pub fn scan(root: &Path, table: &Table, rule: &Rule) -> Result<Vec<Op>> {
     let seen = walk(root)?;
-    let since = match last {
-        LastStop::Fresh => None,
-        LastStop::Clean { since_ns } | LastStop::Crashed { since_ns, .. } => Some(since_ns),
-    };
-    let new_why = if since.is_none() {
+    let new_why = if rule.is_fresh() {
         "present when tracking began"
     } else {
         "created while not mounted"
@@ -105,11 +186,14 @@ pub fn scan(root: &Path, table: &Table, last: LastStop) -> Result<Vec<Op>> {
                 paths: s.paths.clone(),
             });
         }
-        if since.is_some_and(|t| s.ctime >= t) && !f.needs_resync {
+        if f.needs_resync {
+            continue;
+        }
+        if let Some(why) = rule.changed(f.id, s.ctime) {
             ops.push(Op::Changed {
                 id: f.id,
                 path: s.paths[0].clone(),
-                why: "changed while not mounted".into(),
+                why,
             });
         }
     }
@@ -165,7 +249,7 @@ mod tests {
         std::fs::write(root.join("gone.img"), b"g").unwrap();
 
         let mut t = Table::default();
-        let ops = scan(root, &t, LastStop::Fresh).unwrap();
+        let ops = scan(root, &t, &Rule::Fresh).unwrap();
         assert_eq!(ops.len(), 3, "{ops:?}");
         apply_all(&mut t, ops);
         assert!(t.entries().all(|f| f.needs_resync));
@@ -176,7 +260,8 @@ mod tests {
         std::fs::rename(root.join("b.img"), root.join("vm1/b.img")).unwrap();
         std::fs::remove_file(root.join("gone.img")).unwrap();
         std::fs::write(root.join("new.img"), b"n").unwrap();
-        let ops = scan(root, &t, LastStop::Clean { since_ns: since }).unwrap();
+        let rule = Rule::after(LastStop::Clean { since_ns: since }, None);
+        let ops = scan(root, &t, &rule).unwrap();
         let kinds: Vec<&str> = ops
             .iter()
             .map(|o| match o {
