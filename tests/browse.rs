@@ -3,7 +3,7 @@
 //! restore from a guest ext4 image of a point (raw, and qcow2 through qemu-storage-daemon),
 //! reads and a test failover while cycles
 //! keep applying, a point pruned while open, `drfs restore` (exact, sparse, verified,
-//! progress on a terminal) and bad input.
+//! progress on a terminal; files grown past a partial last block) and bad input.
 
 mod common;
 
@@ -832,6 +832,43 @@ fn a_buffered_read_of_a_point_is_cached_once() {
             "reading the point through browse cached {} a second time",
             s.display()
         );
+    }
+}
+
+/// Grows `p` to `size` bytes without writing (truncate up).
+fn grow(p: &Path, size: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+#[test]
+fn files_that_grow_past_a_partial_last_block_restore_verified() {
+    // The primary sends nothing for the old last block of a growing file, but the block
+    // grows by zeros and its BLAKE3 with it: the replica must bring its entry along (and
+    // keep the old one for the points before), or a clean replica fails its own check.
+    let r = Rep::new("grow", "manual", "all:1h");
+    let f = &r.f;
+    let (a, b, c) = (f.m("a.raw"), f.m("b.raw"), f.m("c.raw"));
+    fs::write(&a, vec![7u8; 100_000]).unwrap();
+    fs::write(&b, vec![8u8; 100_000]).unwrap();
+    fs::write(&c, vec![9u8; 1000]).unwrap();
+    let p1 = r.ship();
+    grow(&a, 300_000);
+    let w = fs::OpenOptions::new().write(true).open(&b).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"gap", M).unwrap();
+    grow(&c, 2000);
+    let p2 = r.ship();
+    // The grown block changes: the next point's undo record saves it with its new entry.
+    let w = fs::OpenOptions::new().write(true).open(&a).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"later", 99_000).unwrap();
+    grow(&c, 70_000);
+    let p3 = r.ship();
+    for p in [&p1, &p2, &p3] {
+        r.check_point(p);
     }
 }
 
