@@ -1102,6 +1102,17 @@ fn a_corrupt_block_fails_with_eio_in_exactly_the_points_that_use_it() {
             }
         }
     }
+
+    // A resync compares the latest files with the primary by the BLAKE3 of their bytes,
+    // so it sends the corrupt block again: the new point reads clean. The points before
+    // it that read the block from the latest file still fail: the new undo record keeps
+    // the block as the replica held it, with the entry the primary sent.
+    ok(drfs().arg("ship").arg(&f.store).arg("--resync"));
+    let p4 = r.latest();
+    r.snapshot(&p4);
+    r.check_latest();
+    let points = [p1.clone(), p2.clone(), p3.clone(), p4];
+    every_block_of_every_point(&r, &br, &tf, &points, &bad);
 }
 
 /// Grows `p` to `size` bytes without writing (truncate up).
