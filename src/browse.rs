@@ -7,9 +7,11 @@
 //! ```
 //!
 //! Listings, sizes, modes and mtimes come from the point's manifest; data is read on
-//! demand from the latest files and undo records (`view`). Mounting copies nothing; new
-//! points appear as they are applied; a point pruned while one of its files is open stays
-//! readable through that open file until it is closed.
+//! demand from the latest files and undo records (`view`), every block checked against
+//! its BLAKE3: a block that fails reads as EIO and is logged to `.drfs/browse.log`, the
+//! others read on. Mounting copies nothing; new points appear as they are applied; a
+//! point pruned while one of its files is open stays readable through that open file
+//! until it is closed.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

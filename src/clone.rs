@@ -1,9 +1,12 @@
 //! Test failover: a writable, throwaway clone of a recovery point, as a FUSE filesystem.
 //! Nothing is copied to make it: the tree starts as the point's manifest, reads come from
-//! the point (`view`) until a block is written, and writes go to sparse overlay files
-//! (4 KiB blocks; a partial block is read, changed and written whole) in the replica's
-//! `.drfs/test-failover/`. The point and the replica never change; replication goes on
-//! beside the clone. The clone lives only as long as its daemon: stopping it discards it.
+//! the point (`view`, which checks every block against its BLAKE3: a block that fails
+//! reads as EIO and is logged to `.drfs/test-failover.log`) until a block is written, and
+//! writes go to sparse overlay files (4 KiB blocks; a partial block is read, changed and
+//! written whole; so a write into part of a block that fails its check fails too) in the
+//! replica's `.drfs/test-failover/`. The point and the replica never change; replication
+//! goes on beside the clone. The clone lives only as long as its daemon: stopping it
+//! discards it.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

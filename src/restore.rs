@@ -235,13 +235,9 @@ fn copy_into(
         while b < end {
             let off = b * bs;
             let n = (e.size - off).min(bs) as usize;
-            let (got, want) = src.read_checked(&mut buf[..n], b).at(t)?;
-            match want {
-                None => return Err(bad(b, "has no BLAKE3 kept")),
-                Some(w) if w != crate::replica::hashes::of(&buf[..got]) => {
-                    return Err(bad(b, "does not match its BLAKE3"));
-                }
-                Some(_) => {}
+            let (got, check) = src.read_checked(&mut buf[..n], b).at(t)?;
+            if let Some(why) = check {
+                return Err(bad(b, why.why()));
             }
             if buf[..got].iter().any(|&x| x != 0) {
                 dst.write_all_at(&buf[..got], off).at(t)?;

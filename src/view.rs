@@ -14,19 +14,30 @@
 //! A reader pins its point (`Replica::pin`): retention keeps a point while any of its
 //! files is open and drops it at the first run after they are closed. Records of later
 //! points that retention merges into older ones are re-read when their index changes.
+//!
+//! No read returns a block that fails its BLAKE3. A block is checked against the hash
+//! entry kept beside the data it came from (the latest file's index, or the undo
+//! record's), the first time this open file reads it: a read that covers only part of
+//! the block reads it whole. What a check found is remembered per source, until a refresh
+//! takes in a record that covers the block (an apply is about to change it in the latest
+//! file): a matching block reads without hashing again, a failing one fails with EIO at
+//! once and is logged once. A check counts only if the read's counter check passed: a
+//! mismatch seen while an apply moved blocks is read again, not reported.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{At, Error, Result};
+use crate::mount::handle::with_scratch;
 use crate::relpath::RelPath;
-use crate::replica::hashes::{ENTRY, Hashes, ZERO};
+use crate::replica::hashes::{ENTRY, Hashes, ZERO, of};
 use crate::replica::undo::{UndoFile, UndoIndex, data_path, hash_path};
 use crate::replica::{PointInfo, Replica};
 use crate::sys::{self, read_full};
@@ -165,6 +176,8 @@ impl PointView {
         let r = Replica::open_only(&self.replica)?;
         let pf = PointFile {
             id,
+            point: self.info.id.clone(),
+            path: e.path.clone(),
             size: e.size,
             bs: self.bs,
             from: self.info.generation,
@@ -172,7 +185,7 @@ impl PointView {
             _pin: r.pin(&self.info.id)?,
             seq: r.map_seq(),
             replica: r,
-            state: RwLock::new(Chain::default()),
+            state: RwLock::new(Chain::new(e.size.div_ceil(self.bs))),
         };
         pf.refresh()?;
         Ok(pf)
@@ -182,14 +195,17 @@ impl PointView {
 /// One layer a point's file reads from: an undo record's saved blocks.
 struct Layer {
     generation: u64,
+    /// The point whose record this is, and the record's data file (for the log).
+    point: String,
+    data_path: PathBuf,
     file: UndoFile,
     data: File,
     /// `data` opened with O_DIRECT, for an uncached file.
     direct: Option<File>,
     hashes: Option<Hashes>,
+    checked: Checked,
 }
 
-#[derive(Default)]
 struct Chain {
     /// Nearest first (by generation). Layers of records a retention run has since
     /// removed stay: their open files hold blocks no other record may have.
@@ -200,15 +216,185 @@ struct Chain {
     /// `latest` opened with O_DIRECT, for an uncached file.
     latest_direct: Option<File>,
     latest_hashes: Option<Hashes>,
+    /// Where `latest` was found (for the log).
+    latest_path: Option<RelPath>,
+    latest_checked: Checked,
     /// The file is not among the latest files (a record holds it whole).
     gone: bool,
     /// The apply counter when the chain was last brought up to date.
     seq: u64,
+    /// The point's file's blocks (what each `Checked` covers).
+    blocks: u64,
+}
+
+impl Chain {
+    fn new(blocks: u64) -> Chain {
+        Chain {
+            layers: Vec::new(),
+            seen: HashMap::new(),
+            latest: None,
+            latest_direct: None,
+            latest_hashes: None,
+            latest_path: None,
+            latest_checked: Checked::new(blocks),
+            gone: false,
+            seq: 0,
+            blocks,
+        }
+    }
+
+    /// A layer at `generation` holding `f` has just been taken in (new, or re-read after
+    /// a merge): the blocks it holds may now route to it, and in the latest file they are
+    /// about to change (an apply writes the record first). Forgets what the sources
+    /// beyond it (farther layers, the latest file) checked of those blocks.
+    fn forget_under(&mut self, generation: u64, f: &UndoFile) {
+        let all = [[0, u64::MAX]];
+        let runs: &[[u64; 2]] = if f.whole { &all } else { &f.blocks };
+        let beyond = self.layers.iter_mut().filter(|l| l.generation > generation);
+        for k in beyond
+            .map(|l| &mut l.checked)
+            .chain([&mut self.latest_checked])
+        {
+            for r in runs {
+                k.forget(r[0], r[1]);
+            }
+        }
+    }
+}
+
+/// Blocks per page of `Checked` bits (a page is allocated when a block of it matches).
+const PAGE_BLOCKS: u64 = 4096 * 8;
+
+/// What this open file has found out about one source's blocks: which match their
+/// BLAKE3 (they read without hashing again) and which do not (they fail at once). Set
+/// under the chain's read lock once a read's counter check passed; forgotten under its
+/// write lock where the source may have changed (`Chain::forget_under`).
+struct Checked {
+    blocks: u64,
+    good: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    bad: Mutex<BTreeSet<u64>>,
+}
+
+impl Checked {
+    fn new(blocks: u64) -> Checked {
+        Checked {
+            blocks,
+            good: (0..blocks.div_ceil(PAGE_BLOCKS))
+                .map(|_| OnceLock::new())
+                .collect(),
+            bad: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn good(&self, b: u64) -> bool {
+        let page = self
+            .good
+            .get((b / PAGE_BLOCKS) as usize)
+            .and_then(|p| p.get());
+        page.is_some_and(|p| {
+            p[((b % PAGE_BLOCKS) / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0
+        })
+    }
+
+    /// The bits of blocks `a..z` (those of the file): (page, word, mask).
+    fn words(&self, a: u64, z: u64) -> impl Iterator<Item = (usize, usize, u64)> + use<> {
+        let z = z.min(self.blocks);
+        let mut b = a;
+        std::iter::from_fn(move || {
+            if b >= z {
+                return None;
+            }
+            let bit = b % 64;
+            let n = (64 - bit).min(z - b);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1 << n) - 1) << bit
+            };
+            let at = (
+                (b / PAGE_BLOCKS) as usize,
+                ((b % PAGE_BLOCKS) / 64) as usize,
+            );
+            b += n;
+            Some((at.0, at.1, mask))
+        })
+    }
+
+    /// Blocks `a..z` match.
+    fn set_good(&self, a: u64, z: u64) {
+        for (p, w, mask) in self.words(a, z) {
+            let page = self.good[p]
+                .get_or_init(|| (0..PAGE_BLOCKS / 64).map(|_| AtomicU64::new(0)).collect());
+            page[w].fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    fn bad(&self, b: u64) -> bool {
+        self.bad.lock().contains(&b)
+    }
+
+    /// Block `b` fails; true the first time.
+    fn set_bad(&self, b: u64) -> bool {
+        self.bad.lock().insert(b)
+    }
+
+    /// Forgets what was found of blocks `a..z`.
+    fn forget(&mut self, a: u64, z: u64) {
+        let bad = self.bad.get_mut();
+        if !bad.is_empty() {
+            bad.retain(|&b| b < a || b >= z);
+        }
+        for (p, w, mask) in self.words(a, z) {
+            if let Some(page) = self.good[p].get_mut() {
+                *page[w].get_mut() &= !mask;
+            }
+        }
+    }
+}
+
+/// Why a block fails its check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bad {
+    /// Its source keeps no hash index.
+    Unhashed,
+    /// Its bytes do not hash to the entry kept for it.
+    Mismatch,
+}
+
+impl Bad {
+    pub fn why(self) -> &'static str {
+        match self {
+            Bad::Unhashed => "has no BLAKE3 kept",
+            Bad::Mismatch => "does not match its BLAKE3",
+        }
+    }
+}
+
+/// What one read found out about the blocks it checked. It counts only once the read's
+/// counter check passed (`PointFile::remember`).
+#[derive(Default)]
+struct Learnt {
+    /// Runs `[a, z)` of blocks that matched, by source.
+    good: Vec<(Src, u64, u64)>,
+    /// Blocks that failed, by source, and why (None: known to fail before this read).
+    bad: Vec<(Src, u64, Option<Bad>)>,
+}
+
+impl Learnt {
+    fn good(&mut self, src: Src, b: u64) {
+        match self.good.last_mut() {
+            Some((s, _, z)) if *s == src && *z == b => *z += 1,
+            _ => self.good.push((src, b, b + 1)),
+        }
+    }
 }
 
 /// One file of a point.
 pub struct PointFile {
     id: FileId,
+    /// The point and the file's path in it (for the log).
+    point: String,
+    path: RelPath,
     pub size: u64,
     bs: u64,
     from: u64,
@@ -282,6 +468,7 @@ impl PointFile {
         // Under the shared prune lock no retention merge is half done.
         let _lock = r.prune_lock(libc::LOCK_SH)?;
         let mut c = self.state.write();
+        let mut fresh = Vec::new();
         for p in r.points()? {
             if p.generation < self.from {
                 continue;
@@ -294,12 +481,16 @@ impl PointFile {
                 continue;
             }
             c.layers.retain(|l| l.generation != p.generation);
-            if let Some(l) = self.layer(&dir, p.generation)? {
+            if let Some(l) = self.layer(&dir, &p, c.blocks)? {
+                fresh.push((l.generation, l.file.clone()));
                 c.layers.push(l);
             }
             c.seen.insert(p.id.clone(), ino);
         }
         c.layers.sort_by_key(|l| l.generation);
+        for (generation, f) in &fresh {
+            c.forget_under(*generation, f);
+        }
         if c.latest.is_none() && !c.gone {
             if s0 % 2 == 1 {
                 return Ok(false);
@@ -315,15 +506,18 @@ impl PointFile {
         Ok(true)
     }
 
-    /// This file's layer in the undo record at `dir`, if the record has its blocks.
-    fn layer(&self, dir: &std::path::Path, generation: u64) -> Result<Option<Layer>> {
+    /// This file's layer in the undo record of point `p` at `dir`, if the record has its
+    /// blocks.
+    fn layer(&self, dir: &std::path::Path, p: &PointInfo, blocks: u64) -> Result<Option<Layer>> {
         let idx = UndoIndex::load(dir)?;
         let Some(f) = idx.files.get(&self.id) else {
             return Ok(None);
         };
         let (dp, hp) = (data_path(dir, self.id), hash_path(dir, self.id));
         Ok(Some(Layer {
-            generation,
+            generation: p.generation,
+            point: p.id.clone(),
+            checked: Checked::new(blocks),
             file: f.clone(),
             data: File::open(&dp).at(&dp)?,
             direct: self.if_direct(|| {
@@ -334,6 +528,7 @@ impl PointFile {
                     .open(&dp)
             }),
             hashes: Hashes::open_ro(&hp).ok(),
+            data_path: dp,
         }))
     }
 
@@ -346,6 +541,7 @@ impl PointFile {
     /// Opens this file among the latest files (by its path in the latest point).
     fn find_latest(&self, c: &mut Chain) -> Result<()> {
         let r = &self.replica;
+        c.latest_checked.forget(0, u64::MAX);
         let Some(l) = r.latest()? else {
             c.gone = true;
             return Ok(());
@@ -360,14 +556,11 @@ impl PointFile {
                         .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
                 });
                 c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
+                c.latest_path = Some(e.path.clone());
             }
             None => c.gone = true,
         }
         Ok(())
-    }
-
-    fn source(c: &Chain, b: u64) -> Src {
-        Self::span(c, b, b + 1).0
     }
 
     /// Where block `b` comes from, and the first block after it (at most `limit`) whose
@@ -411,29 +604,122 @@ impl PointFile {
         }
     }
 
-    /// Reads at `off` into `buf` (short only at the end of the file).
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        self.consistent(|c| self.read_in(c, buf, off))
+    fn checked_of(c: &Chain, src: Src) -> Option<&Checked> {
+        match src {
+            Src::Layer(i) => Some(&c.layers[i].checked),
+            Src::Latest => Some(&c.latest_checked),
+            Src::Zero => None,
+        }
     }
 
-    /// Runs `f` over the chain until no apply started meanwhile (see the module notes).
-    /// The check is against the counter of the chain this read used: another thread may
-    /// bring the chain up to date meanwhile, and that must not bless a read made with
-    /// the old one.
-    fn consistent<T>(&self, mut f: impl FnMut(&Chain) -> io::Result<T>) -> io::Result<T> {
+    /// Reads at `off` into `buf` (short only at the end of the file). A block that fails
+    /// its BLAKE3 fails the read with EIO (and is logged, once per open file).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.settled(
+            |c| {
+                let mut l = Learnt::default();
+                let n = self.read_in(c, buf, off, &mut l)?;
+                Ok((n, l))
+            },
+            |c, (n, l)| self.remember(c, l).map(|()| n),
+        )
+    }
+
+    /// Reads block `b` into `buf` (its length) and checks it: what is wrong with it, if
+    /// anything. Nothing is remembered or logged (restore reads each block once and
+    /// reports for itself).
+    pub fn read_checked(&self, buf: &mut [u8], b: u64) -> io::Result<(usize, Option<Bad>)> {
+        self.settled(
+            |c| {
+                let mut l = Learnt::default();
+                let n = self.read_in(c, buf, b * self.bs, &mut l)?;
+                Ok((n, l))
+            },
+            |_, (n, l)| Ok((n, l.bad.first().map(|x| x.2.unwrap_or(Bad::Mismatch)))),
+        )
+    }
+
+    /// Runs `f` over the chain until no apply started meanwhile (see the module notes),
+    /// then `then` with what `f` returned. The check is against the counter of the chain
+    /// this read used: another thread may bring the chain up to date meanwhile, and that
+    /// must not bless a read made with the old one. The check and `then` run under the
+    /// chain's read lock, so no refresh comes between them.
+    fn settled<T, U>(
+        &self,
+        mut f: impl FnMut(&Chain) -> io::Result<T>,
+        mut then: impl FnMut(&Chain, T) -> io::Result<U>,
+    ) -> io::Result<U> {
         loop {
-            let (v, seq) = {
+            {
                 let c = self.state.read();
-                (f(&c)?, c.seq)
-            };
-            if self.seq_now() == seq {
-                return Ok(v);
+                let v = f(&c)?;
+                if self.seq_now() == c.seq {
+                    return then(&c, v);
+                }
             }
             self.refresh().map_err(io::Error::other)?;
         }
     }
 
-    fn read_in(&self, c: &Chain, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    fn consistent<T>(&self, f: impl FnMut(&Chain) -> io::Result<T>) -> io::Result<T> {
+        self.settled(f, |_, v| Ok(v))
+    }
+
+    /// Takes in what a read whose counter check passed found out; EIO if a block failed.
+    fn remember(&self, c: &Chain, l: Learnt) -> io::Result<()> {
+        for (src, a, z) in l.good {
+            if let Some(k) = Self::checked_of(c, src) {
+                k.set_good(a, z);
+            }
+        }
+        if l.bad.is_empty() {
+            return Ok(());
+        }
+        for (src, b, why) in l.bad {
+            let first = Self::checked_of(c, src).is_some_and(|k| k.set_bad(b));
+            if let (true, Some(why)) = (first, why) {
+                tracing::error!(
+                    "point {}, {}: the block at byte {} ({} bytes) {} ({}); reads of it fail with EIO",
+                    self.point,
+                    self.path,
+                    b * self.bs,
+                    self.block_end(b) - b * self.bs,
+                    why.why(),
+                    self.source_name(c, src)
+                );
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    /// Where a source's data is, for the log.
+    fn source_name(&self, c: &Chain, src: Src) -> String {
+        match src {
+            Src::Layer(i) => format!(
+                "read from the undo record of point {}, {}",
+                c.layers[i].point,
+                c.layers[i].data_path.display()
+            ),
+            Src::Latest => format!(
+                "read from the latest file {}",
+                c.latest_path
+                    .as_ref()
+                    .map_or_else(
+                        || self.path.under(&self.replica.root),
+                        |p| p.under(&self.replica.root)
+                    )
+                    .display()
+            ),
+            Src::Zero => "a hole".to_string(),
+        }
+    }
+
+    /// The end of block `b` in the file (its last block may be short).
+    fn block_end(&self, b: u64) -> u64 {
+        ((b + 1) * self.bs).min(self.size)
+    }
+
+    fn read_in(&self, c: &Chain, buf: &mut [u8], off: u64, l: &mut Learnt) -> io::Result<usize> {
         let end = (off + buf.len() as u64).min(self.size);
         let blocks = self.size.div_ceil(self.bs);
         let mut pos = off;
@@ -442,29 +728,123 @@ impl PointFile {
             let (src, next) = Self::span(c, pos / self.bs, blocks);
             let stop = (next * self.bs).min(end);
             let chunk = &mut buf[(pos - off) as usize..(stop - off) as usize];
-            let direct = Self::direct_of(c, src).filter(|_| aligned(chunk, pos));
-            let got = match direct.or(Self::file_of(c, src)) {
-                Some(f) => read_full(f, chunk, pos)?,
-                None => 0,
-            };
-            chunk[got..].fill(0);
+            self.read_span(c, src, chunk, pos, l)?;
             pos = stop;
         }
         Ok(end.saturating_sub(off) as usize)
     }
 
-    /// Reads block `b` into `buf` together with the BLAKE3 entry the primary sent for it
-    /// (`ZERO` for a zero block; None where no hash is kept), both from the same sources.
-    pub fn read_checked(&self, buf: &mut [u8], b: u64) -> io::Result<(usize, Option<[u8; 32]>)> {
-        self.consistent(|c| {
-            let n = self.read_in(c, buf, b * self.bs)?;
-            let h = match Self::hashes_of(c, Self::source(c, b)) {
-                Ok(Some(h)) => Some(h.get(b).map_err(io::Error::other)?),
-                Ok(None) => None,
-                Err(z) => Some(z),
-            };
-            Ok((n, h))
+    /// Reads `chunk` at `pos`, all of it from `src`, checking every block not known to
+    /// match yet: the blocks the chunk holds whole where they landed, a block it holds
+    /// only part of (at most its first and its last) read whole on the side first.
+    fn read_span(
+        &self,
+        c: &Chain,
+        src: Src,
+        chunk: &mut [u8],
+        pos: u64,
+        l: &mut Learnt,
+    ) -> io::Result<()> {
+        let Some(k) = Self::checked_of(c, src) else {
+            chunk.fill(0);
+            return Ok(());
+        };
+        let bs = self.bs;
+        let stop = pos + chunk.len() as u64;
+        let aside = |b: u64| (b * bs < pos || self.block_end(b) > stop) && !k.good(b);
+        let (mut b, last) = (pos / bs, (stop - 1) / bs);
+        while b <= last {
+            let (x, y) = ((b * bs).max(pos), self.block_end(b).min(stop));
+            let part = &mut chunk[(x - pos) as usize..(y - pos) as usize];
+            if aside(b) {
+                self.read_aside(c, src, k, b, part, x, l)?;
+                b += 1;
+                continue;
+            }
+            // A run of blocks straight into the chunk: each wholly in it, or known good.
+            let first = b;
+            while b <= last && !aside(b) {
+                b += 1;
+            }
+            let (x, y) = ((first * bs).max(pos), self.block_end(b - 1).min(stop));
+            let run = &mut chunk[(x - pos) as usize..(y - pos) as usize];
+            Self::read_plain(c, src, run, x)?;
+            for n in first..b {
+                if !k.good(n) {
+                    let at = (n * bs - x) as usize..(self.block_end(n) - x) as usize;
+                    Self::check(c, src, k, n, &run[at], l)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads block `b` whole into the scratch buffer, checks it, and copies the part at
+    /// `pos` into `part`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_aside(
+        &self,
+        c: &Chain,
+        src: Src,
+        k: &Checked,
+        b: u64,
+        part: &mut [u8],
+        pos: u64,
+        l: &mut Learnt,
+    ) -> io::Result<()> {
+        if k.bad(b) {
+            l.bad.push((src, b, None));
+            return Ok(());
+        }
+        let start = b * self.bs;
+        with_scratch((self.block_end(b) - start) as usize, |block| {
+            Self::read_plain(c, src, block, start)?;
+            Self::check(c, src, k, b, block, l)?;
+            let from = (pos - start) as usize;
+            part.copy_from_slice(&block[from..from + part.len()]);
+            Ok(())
         })
+    }
+
+    /// One read from `src` (O_DIRECT where this reader has it and `chunk` is aligned);
+    /// zeros past the source's end.
+    fn read_plain(c: &Chain, src: Src, chunk: &mut [u8], pos: u64) -> io::Result<()> {
+        let direct = Self::direct_of(c, src).filter(|_| aligned(chunk, pos));
+        let got = match direct.or(Self::file_of(c, src)) {
+            Some(f) => read_full(f, chunk, pos)?,
+            None => 0,
+        };
+        chunk[got..].fill(0);
+        Ok(())
+    }
+
+    /// Checks block `b` (`data`, all of it) against the entry its source keeps.
+    fn check(
+        c: &Chain,
+        src: Src,
+        k: &Checked,
+        b: u64,
+        data: &[u8],
+        l: &mut Learnt,
+    ) -> io::Result<()> {
+        if k.bad(b) {
+            l.bad.push((src, b, None));
+            return Ok(());
+        }
+        let want = match Self::hashes_of(c, src) {
+            Err(zero) => zero,
+            Ok(None) => {
+                l.bad.push((src, b, Some(Bad::Unhashed)));
+                return Ok(());
+            }
+            Ok(Some(h)) => h.get(b).map_err(io::Error::other)?,
+        };
+        if of(data) == want {
+            l.good(src, b);
+        } else {
+            l.bad.push((src, b, Some(Bad::Mismatch)));
+        }
+        Ok(())
     }
 
     /// The hash index of a source; `Err(ZERO)` for a source that is all zeros.
@@ -555,4 +935,103 @@ pub fn files(view: &PointView) -> impl Iterator<Item = &Entry> {
         .entries
         .iter()
         .filter(|e| e.kind == Kind::File)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(generation: u64, blocks: Vec<[u64; 2]>, n: u64) -> Layer {
+        Layer {
+            generation,
+            point: format!("{generation:08}"),
+            data_path: PathBuf::from("/dev/null"),
+            file: UndoFile {
+                whole: false,
+                blocks,
+            },
+            data: File::open("/dev/null").unwrap(),
+            direct: None,
+            hashes: None,
+            checked: Checked::new(n),
+        }
+    }
+
+    fn good(k: &Checked, r: std::ops::Range<u64>) -> bool {
+        r.clone().all(|b| k.good(b))
+    }
+
+    fn none(k: &Checked, r: std::ops::Range<u64>) -> bool {
+        r.clone().all(|b| !k.good(b))
+    }
+
+    #[test]
+    fn checked_blocks_are_set_and_forgotten_across_words_and_pages() {
+        let n = 2 * PAGE_BLOCKS + 10;
+        let mut k = Checked::new(n);
+        assert!(none(&k, 0..n), "nothing is checked at first");
+        k.set_good(60, 70);
+        k.set_good(PAGE_BLOCKS - 3, PAGE_BLOCKS + 3);
+        k.set_good(n - 2, n + 500);
+        assert!(good(&k, 60..70) && none(&k, 0..60) && none(&k, 70..PAGE_BLOCKS - 3));
+        assert!(good(&k, PAGE_BLOCKS - 3..PAGE_BLOCKS + 3) && !k.good(PAGE_BLOCKS + 3));
+        assert!(good(&k, n - 2..n) && !k.good(n) && !k.good(u64::MAX));
+        assert!(k.set_bad(64) && !k.set_bad(64) && k.bad(64) && !k.bad(65));
+        k.forget(62, PAGE_BLOCKS - 1);
+        assert!(good(&k, 60..62) && none(&k, 62..PAGE_BLOCKS - 1) && !k.bad(64));
+        assert!(good(&k, PAGE_BLOCKS - 1..PAGE_BLOCKS + 3));
+        k.set_bad(3);
+        k.forget(0, u64::MAX);
+        assert!(none(&k, 0..n) && !k.bad(3));
+    }
+
+    #[test]
+    fn a_layer_taken_in_forgets_the_checks_of_the_sources_beyond_it() {
+        let n = 200;
+        let mut c = Chain::new(n);
+        c.layers = vec![layer(3, vec![[0, 50]], n), layer(5, vec![[0, 200]], n)];
+        let all = |c: &Chain| {
+            for k in c
+                .layers
+                .iter()
+                .map(|l| &l.checked)
+                .chain([&c.latest_checked])
+            {
+                k.set_good(0, n);
+                k.set_bad(20);
+                k.set_bad(100);
+            }
+        };
+        all(&c);
+        // A record at generation 4 covering blocks 10..30 and 90..110: the layer nearer
+        // the point (3) keeps its checks; the farther one (5) and the latest file forget
+        // those blocks, good and bad.
+        let f = UndoFile {
+            whole: false,
+            blocks: vec![[10, 30], [90, 110]],
+        };
+        c.forget_under(4, &f);
+        let near = &c.layers[0].checked;
+        assert!(good(near, 0..n) && near.bad(20) && near.bad(100));
+        for k in [&c.layers[1].checked, &c.latest_checked] {
+            assert!(good(k, 0..10) && none(k, 10..30) && good(k, 30..90));
+            assert!(none(k, 90..110) && good(k, 110..n) && !k.bad(20) && !k.bad(100));
+        }
+        // A record holding the file whole, nearest of all: every source beyond it forgets
+        // everything.
+        all(&c);
+        let whole = UndoFile {
+            whole: true,
+            blocks: Vec::new(),
+        };
+        c.forget_under(2, &whole);
+        for k in c
+            .layers
+            .iter()
+            .map(|l| &l.checked)
+            .chain([&c.latest_checked])
+        {
+            assert!(none(k, 0..n) && !k.bad(20));
+        }
+    }
 }

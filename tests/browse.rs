@@ -1,9 +1,10 @@
 //! Recovery points as files: `drfs browse` shows every point byte-identical to a copy of
 //! the primary taken at its cut (listings, owners, modes, mtimes, holes), item-level
 //! restore from a guest ext4 image of a point (raw, and qcow2 through qemu-storage-daemon),
-//! reads and a test failover while cycles
-//! keep applying, a point pruned while open, `drfs restore` (exact, sparse, verified,
-//! progress on a terminal) and bad input.
+//! reads and a test failover while cycles keep applying, a point pruned while open, a
+//! corrupt block in a latest file and in an undo record (EIO in exactly the points that
+//! use it, through browse and a test failover, and logged), `drfs restore` (exact, sparse,
+//! verified, progress on a terminal; files grown past a partial last block) and bad input.
 
 mod common;
 
@@ -832,6 +833,322 @@ fn a_buffered_read_of_a_point_is_cached_once() {
             "reading the point through browse cached {} a second time",
             s.display()
         );
+    }
+}
+
+/// The replica's block size in these tests (drfs's default).
+const BS: u64 = 65536;
+
+/// XORs the byte at `off` of `p` with 0x20 (bit rot, a bad disk, a stray write).
+fn flip(p: &Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 0x20;
+    f.write_all_at(&b, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Reads `p` one block (`BS`) per pread, in one open (O_DIRECT if `direct`), `again`
+/// times over: per block, its bytes or the errno of the last pass.
+fn read_blocks(p: &Path, direct: bool, again: usize) -> Vec<Result<Vec<u8>, i32>> {
+    use std::os::unix::fs::FileExt;
+    let mut o = fs::OpenOptions::new();
+    o.read(true);
+    if direct {
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
+    }
+    let f = o.open(p).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut raw = vec![0u8; 2 * BS as usize];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + BS as usize];
+    let mut out = Vec::new();
+    for _ in 0..again {
+        out = (0..size.div_ceil(BS))
+            .map(|b| {
+                let n = (size - b * BS).min(BS) as usize;
+                // O_DIRECT wants an aligned length: ask for a whole block, get what is left.
+                let len = if direct { BS as usize } else { n };
+                match f.read_at(&mut buf[..len], b * BS) {
+                    Ok(got) if got == n => Ok(buf[..n].to_vec()),
+                    Ok(got) => panic!("{}: block {b}: {got} bytes, not {n}", p.display()),
+                    Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+                }
+            })
+            .collect();
+    }
+    out
+}
+
+/// Asserts that `got` (`read_blocks` of `what`) is `want` block by block, except that the
+/// blocks in `bad` fail with EIO.
+fn blocks_are(got: &[Result<Vec<u8>, i32>], want: &[u8], bad: &[u64], what: &str) {
+    assert_eq!(got.len() as u64, (want.len() as u64).div_ceil(BS), "{what}");
+    for (b, r) in got.iter().enumerate() {
+        let b = b as u64;
+        let w = &want[(b * BS) as usize..((b + 1) * BS).min(want.len() as u64) as usize];
+        match r {
+            Err(e) if bad.contains(&b) => assert_eq!(*e, libc::EIO, "{what}: block {b}"),
+            Ok(_) if bad.contains(&b) => panic!("{what}: corrupt block {b} was served"),
+            Err(e) => panic!("{what}: block {b} failed (errno {e})"),
+            Ok(d) => assert!(d == w, "{what}: block {b} reads wrong"),
+        }
+    }
+}
+
+/// Reads 4 KiB from the middle of every whole block of `p` (O_DIRECT, one open): per
+/// block, the bytes or the errno. A read that covers part of a block not checked yet.
+fn read_inside(p: &Path) -> Vec<Result<Vec<u8>, i32>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        fs::OpenOptions::new().read(true),
+        libc::O_DIRECT,
+    )
+    .open(p)
+    .unwrap();
+    let mut raw = vec![0u8; 8192];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + 4096];
+    let whole = f.metadata().unwrap().len() / BS;
+    (0..whole)
+        .map(|b| match f.read_at(buf, b * BS + 8192) {
+            Ok(4096) => Ok(buf.to_vec()),
+            Ok(n) => panic!("{}: 4 KiB in block {b}: {n} bytes", p.display()),
+            Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+        })
+        .collect()
+}
+
+fn inside_is(got: &[Result<Vec<u8>, i32>], want: &[u8], bad: &[u64], what: &str) {
+    for (b, r) in got.iter().enumerate() {
+        let o = b * BS as usize + 8192;
+        match r {
+            Err(e) if bad.contains(&(b as u64)) => assert_eq!(*e, libc::EIO, "{what}: {b}"),
+            Ok(_) if bad.contains(&(b as u64)) => panic!("{what}: part of bad block {b} served"),
+            Err(e) => panic!("{what}: part of block {b} failed (errno {e})"),
+            Ok(d) => assert!(
+                d[..] == want[o..o + 4096],
+                "{what}: part of block {b} reads wrong"
+            ),
+        }
+    }
+}
+
+/// Reads every block of disk.raw in every point of `points` through a browse at `br`
+/// and through a test failover of each point at `tf`, and checks it against the
+/// primary's copy; `bad` lists the (point, block) pairs that must fail with EIO. Browse
+/// reads 4 KiB inside each block (one open), then each block whole (O_DIRECT, twice in
+/// one open; then buffered); the clone 4 KiB inside each block, then each block whole
+/// (one open file for all), then overwrites each bad block: a part of it fails (the rest
+/// of the block would come from the point), the whole block can be written and read.
+/// The points' other file reads whole.
+fn every_block_of_every_point(
+    r: &Rep,
+    br: &Path,
+    tf: &Path,
+    points: &[String],
+    bad: &[(&str, u64)],
+) {
+    let bad_in = |p: &str| -> Vec<u64> { bad.iter().filter(|x| x.0 == p).map(|x| x.1).collect() };
+    browse(r, br);
+    for p in points {
+        let want = fs::read(r.snaps.join(p).join("disk.raw")).unwrap();
+        let at = br.join("points").join(p);
+        let what = format!("browse point {p}");
+        inside_is(&read_inside(&at.join("disk.raw")), &want, &bad_in(p), &what);
+        for direct in [true, false] {
+            let got = read_blocks(&at.join("disk.raw"), direct, if direct { 2 } else { 1 });
+            let what = format!("{what} (direct {direct})");
+            blocks_are(&got, &want, &bad_in(p), &what);
+        }
+        let other = fs::read(r.snaps.join(p).join("other.raw")).unwrap();
+        assert!(
+            fs::read(at.join("other.raw")).unwrap() == other,
+            "browse point {p} other.raw"
+        );
+    }
+    ok(drfs().arg("unmount").arg(br));
+    for p in points {
+        ok(drfs()
+            .arg("test-failover")
+            .arg(&r.replica)
+            .args(["--point", p, "--at"])
+            .arg(tf));
+        let want = fs::read(r.snaps.join(p).join("disk.raw")).unwrap();
+        let (img, what) = (tf.join("disk.raw"), format!("test failover of point {p}"));
+        inside_is(&read_inside(&img), &want, &bad_in(p), &what);
+        blocks_are(&read_blocks(&img, false, 1), &want, &bad_in(p), &what);
+        let other = fs::read(r.snaps.join(p).join("other.raw")).unwrap();
+        assert!(
+            fs::read(tf.join("other.raw")).unwrap() == other,
+            "{what}: other.raw"
+        );
+        let w = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        for b in bad_in(p) {
+            use std::os::unix::fs::FileExt;
+            let e = w.write_all_at(b"part", b * BS + 100).unwrap_err();
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::EIO),
+                "{what}: part of block {b}"
+            );
+            w.write_all_at(&vec![0x5a; BS as usize], b * BS).unwrap();
+            let mut back = vec![0u8; BS as usize];
+            w.sync_all().unwrap();
+            fs::File::open(&img)
+                .unwrap()
+                .read_exact_at(&mut back, b * BS)
+                .unwrap();
+            assert!(
+                back.iter().all(|&x| x == 0x5a),
+                "{what}: block {b} rewritten"
+            );
+        }
+        drop(w);
+        ok(drfs().arg("test-failover").arg(&r.replica).arg("--stop"));
+    }
+}
+
+/// The part of `log` written since it was `from` bytes long.
+fn log_since(log: &Path, from: usize) -> String {
+    let all = fs::read_to_string(log).unwrap_or_default();
+    all.get(from..).unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_corrupt_block_fails_with_eio_in_exactly_the_points_that_use_it() {
+    let r = Rep::new("corrupt", "manual", "all:1h");
+    let f = &r.f;
+    // 17 blocks (the last one short) and a second file that stays clean.
+    let disk = f.m("disk.raw");
+    let mut data = vec![0u8; (16 * BS + 1000) as usize];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut u| std::io::Read::read_exact(&mut u, &mut data))
+        .unwrap();
+    fs::write(&disk, &data).unwrap();
+    random_at(&f.m("other.raw"), 0, 4 * BS);
+    let p1 = r.ship();
+    random_at(&disk, 4 * BS, 2 * BS);
+    let p2 = r.ship();
+    random_at(&disk, 10 * BS, BS);
+    let p3 = r.ship();
+    // Block 4: p1 reads it from its undo record, p2 and p3 from the latest file. Block 10:
+    // p1 and p2 read it from p2's undo record (p1's has no block 10), p3 from the latest.
+    let points = [p1.clone(), p2.clone(), p3.clone()];
+    let (br, tf) = (f.mountpoint("browse"), f.mountpoint("failover"));
+    every_block_of_every_point(&r, &br, &tf, &points, &[]);
+
+    let rep = fs::canonicalize(&r.replica).unwrap();
+    let (blog, tlog) = (
+        rep.join(".drfs/browse.log"),
+        rep.join(".drfs/test-failover.log"),
+    );
+    let (b0, t0) = (log_since(&blog, 0).len(), log_since(&tlog, 0).len());
+    for log in [log_since(&blog, 0), log_since(&tlog, 0)] {
+        assert!(
+            !log.contains("EIO"),
+            "a clean replica logged a bad block:\n{log}"
+        );
+    }
+    let id = f.file_changes("disk.raw")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let undo = rep
+        .join(".drfs/points")
+        .join(&p2)
+        .join("undo")
+        .join(format!("{id}.data"));
+    flip(&rep.join("disk.raw"), 4 * BS + 123);
+    flip(&undo, 10 * BS + 4567);
+    let bad = [(&*p2, 4), (&*p3, 4), (&*p1, 10), (&*p2, 10)];
+    every_block_of_every_point(&r, &br, &tf, &points, &bad);
+
+    // Each bad block is logged with its point, file, offset and source, once per open
+    // file that read it (browse: three opens; a clone: one open file for its life).
+    let latest = format!(
+        "read from the latest file {}",
+        rep.join("disk.raw").display()
+    );
+    let record = format!(
+        "read from the undo record of point {p2}, {}",
+        undo.display()
+    );
+    for (log, opens) in [(log_since(&blog, b0), 3), (log_since(&tlog, t0), 1)] {
+        for p in &points {
+            for b in [4, 10] {
+                let line = format!("point {p}, disk.raw: the block at byte {} ", b * BS);
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&line)).collect();
+                if !bad.contains(&(p, b)) {
+                    assert!(lines.is_empty(), "{line:?} logged, though clean:\n{log}");
+                    continue;
+                }
+                assert_eq!(lines.len(), opens, "{line:?} in:\n{log}");
+                let from = if b == 4 { &latest } else { &record };
+                for l in lines {
+                    assert!(
+                        l.contains("ERROR")
+                            && l.contains("does not match its BLAKE3")
+                            && l.contains(from.as_str()),
+                        "{l}"
+                    );
+                }
+            }
+        }
+    }
+
+    // A resync compares the latest files with the primary by the BLAKE3 of their bytes,
+    // so it sends the corrupt block again: the new point reads clean. The points before
+    // it that read the block from the latest file still fail: the new undo record keeps
+    // the block as the replica held it, with the entry the primary sent.
+    ok(drfs().arg("ship").arg(&f.store).arg("--resync"));
+    let p4 = r.latest();
+    r.snapshot(&p4);
+    r.check_latest();
+    let points = [p1.clone(), p2.clone(), p3.clone(), p4];
+    every_block_of_every_point(&r, &br, &tf, &points, &bad);
+}
+
+/// Grows `p` to `size` bytes without writing (truncate up).
+fn grow(p: &Path, size: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+#[test]
+fn files_that_grow_past_a_partial_last_block_restore_verified() {
+    // The primary sends nothing for the old last block of a growing file, but the block
+    // grows by zeros and its BLAKE3 with it: the replica must bring its entry along (and
+    // keep the old one for the points before), or a clean replica fails its own check.
+    let r = Rep::new("grow", "manual", "all:1h");
+    let f = &r.f;
+    let (a, b, c) = (f.m("a.raw"), f.m("b.raw"), f.m("c.raw"));
+    fs::write(&a, vec![7u8; 100_000]).unwrap();
+    fs::write(&b, vec![8u8; 100_000]).unwrap();
+    fs::write(&c, vec![9u8; 1000]).unwrap();
+    let p1 = r.ship();
+    grow(&a, 300_000);
+    let w = fs::OpenOptions::new().write(true).open(&b).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"gap", M).unwrap();
+    grow(&c, 2000);
+    let p2 = r.ship();
+    // The grown block changes: the next point's undo record saves it with its new entry.
+    let w = fs::OpenOptions::new().write(true).open(&a).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"later", 99_000).unwrap();
+    grow(&c, 70_000);
+    let p3 = r.ship();
+    for p in [&p1, &p2, &p3] {
+        r.check_point(p);
     }
 }
 

@@ -1,9 +1,10 @@
 //! Open files and directories of the mount, and the data path's I/O helpers. A client that
 //! opens with O_DIRECT gets a backing descriptor opened with O_DIRECT too, so O_DIRECT
 //! bypasses the host page cache on both sides; FUSE hands us payloads at odd addresses, so
-//! direct I/O goes through a per-thread 4 KiB-aligned bounce buffer. Requests whose offset
-//! or length the store cannot do directly fall back to a buffered descriptor of the same
-//! file (the kernel keeps the two coherent).
+//! direct I/O goes through a per-thread 4 KiB-aligned bounce buffer (`view` has a second
+//! one for its whole-block checks). Requests whose offset or length the store cannot do
+//! directly fall back to a buffered descriptor of the same file (the kernel keeps the two
+//! coherent).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::cell::RefCell;
@@ -119,11 +120,18 @@ impl Drop for Aligned {
 
 thread_local! {
     static BOUNCE: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
+    static SCRATCH: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
 }
 
 /// Runs `f` on this thread's page-aligned buffer of `len` bytes (contents undefined).
 pub fn with_aligned<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     BOUNCE.with(|b| f(b.borrow_mut().get(len)))
+}
+
+/// A second such buffer, for work done while the first holds a reply (`view` reads a
+/// whole block into it to check its BLAKE3 when a read covers only part of the block).
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|b| f(b.borrow_mut().get(len)))
 }
 
 /// A directory being listed: its entries, read at open and again on rewind.

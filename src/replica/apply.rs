@@ -2,8 +2,9 @@
 //!
 //! 1. The staged blocks are sealed (durable; only this attempt's confirmed blocks count).
 //! 2. The undo record of the current latest point is written in full and made durable:
-//!    the content of every block the cycle will overwrite or cut off; deleted files are
-//!    moved into it whole later. Nothing else has changed yet.
+//!    the content of every block the cycle will overwrite or cut off, and of a growing
+//!    file's partial last block (it grows by zeros, so its BLAKE3 changes); deleted files
+//!    are moved into it whole later. Nothing else has changed yet.
 //! 3. `journal.json` records the apply; from here every phase is idempotent, and a restart
 //!    finds the journal and rolls the apply forward from the phase it names:
 //!    detach (files leaving their path go to `hold/`), place (deleted files into the undo
@@ -210,6 +211,10 @@ fn write_undo(r: &Replica, inc: &Incoming, plan: &Plan, from: &str) -> Result<()
             crate::runs::minus(&inc.changed(*id), &[[old_blocks, u64::MAX]]);
         if new_size < old_size {
             runs.push([new_size / bs, old_blocks]);
+        }
+        if let Some(b) = grown_tail(*old_size, *new_size, bs) {
+            // Its bytes stay, but it grows by zeros: its BLAKE3 changes (see `data`).
+            runs.push([b, b + 1]);
         }
         if runs.is_empty() {
             continue;
@@ -528,10 +533,58 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
         f.set_len(*size).at(&at)?;
         if compute {
             crate::replica::hashes::compute(&f, *size, bs, &hp)?;
+        } else if let Some((_, old)) = plan.old_files.get(id) {
+            rehash_grown_tail(&f, &at, &hp, *old, *size, bs, &inc.changed(*id), &mut buf)?;
         }
         crate::fault::hit("apply:data-file");
     }
     syncfs(&r.root)
+}
+
+/// The old last block of a file growing from `old` to `new` bytes, if that block was
+/// partial: it keeps its bytes but grows by zeros, so its BLAKE3 (of the shorter block the
+/// primary sent) no longer describes it, although the primary sends nothing for it.
+fn grown_tail(old: u64, new: u64, bs: u64) -> Option<u64> {
+    (new > old && old % bs != 0).then_some(old / bs)
+}
+
+/// Brings the hash entry of a grown file's old last block (`grown_tail`) to the block as
+/// it now reads, unless the cycle sent that block (its entry came with it). The old bytes
+/// must match the old entry first, so a corrupt block keeps failing its check; a block
+/// whose entry is already the new one (an apply rolled forward again) is left alone.
+#[allow(clippy::too_many_arguments)]
+fn rehash_grown_tail(
+    f: &File,
+    at: &Path,
+    hp: &Path,
+    old: u64,
+    size: u64,
+    bs: u64,
+    changed: &[[u64; 2]],
+    buf: &mut [u8],
+) -> Result<()> {
+    use crate::replica::hashes::{Hashes, of};
+    let Some(b) = grown_tail(old, size, bs).filter(|&b| !crate::runs::covers(changed, b)) else {
+        return Ok(());
+    };
+    let off = b * bs;
+    let (was, now) = ((old - off) as usize, (size - off).min(bs) as usize);
+    let got = sys::read_full(f, &mut buf[..now], off).at(at)?;
+    buf[got..now].fill(0);
+    let h = Hashes::open(hp)?;
+    let (entry, new) = (h.get(b)?, of(&buf[..now]));
+    if entry == new {
+        return Ok(());
+    }
+    if entry == of(&buf[..was]) && buf[was..now].iter().all(|&x| x == 0) {
+        h.set(b, &new)?;
+        return h.sync();
+    }
+    tracing::warn!(
+        "{}: block {b} does not match its BLAKE3; its entry is left as it was",
+        at.display()
+    );
+    Ok(())
 }
 
 fn syncfs(root: &Path) -> Result<()> {

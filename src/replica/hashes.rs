@@ -1,7 +1,7 @@
 //! The replica's block hash index: for every file of the latest point, the BLAKE3 of each
 //! block as the primary sent it, so any point can be verified end to end when it is read
-//! back (`drfs restore`). Undo records keep the entries of the blocks they save, so every
-//! point has its hashes too.
+//! back (`view` checks every block it serves: browse, test failover, restore). Undo
+//! records keep the entries of the blocks they save, so every point has its hashes too.
 //!
 //! Format v1: `REPLICA/.drfs/hashes/<file id>` (and `<file id>.hash` in an undo record):
 //! 32 bytes per block at offset `block * 32`; an all-zero entry (a hole) means a zero
