@@ -7,10 +7,10 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use drfs::relpath::RelPath;
+use drfs::model::RelPath;
+use drfs::primary::track::Tracker;
+use drfs::primary::track::bitmap::Bitmap;
 use drfs::state::{LastStop, RunStart, StateDir};
-use drfs::track::Tracker;
-use drfs::track::bitmap::Bitmap;
 
 fn tracker(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");

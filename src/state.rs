@@ -3,7 +3,7 @@
 //! the previous one ended (clean unmount, daemon killed, or host crash).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Error, Result};
+use crate::model::fmt::rfc3339_now;
+use crate::model::new_id;
 use crate::sys;
 
 pub const STATE_DIR: &str = ".drfs";
@@ -391,27 +393,4 @@ impl StateDir {
 
 pub fn beat(f: &File) {
     let _ = f.write_all_at(&sys::now_ns().to_le_bytes(), 0);
-}
-
-/// A random 64-bit id as 16 hex digits.
-pub fn new_id() -> String {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        b = (sys::now_ns() as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    format!("{:016x}", u64::from_le_bytes(b))
-}
-
-pub fn rfc3339_now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-pub fn rfc3339_ns(ns: i128) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// Writes a line to a file opened for append (used for the daemon's event log).
-pub fn append_line(f: &mut File, line: &str) {
-    let _ = writeln!(f, "{line}");
 }

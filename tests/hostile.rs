@@ -9,9 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
-use drfs::relpath::RelPath;
-use drfs::track::FileId;
-use drfs::wire::{Block, Consistency, Entry, Kind, Manifest, Msg, Writer, zero_hash};
+use drfs::model::FileId;
+use drfs::model::RelPath;
+use drfs::model::{Consistency, Entry, Kind, Manifest};
+use drfs::wire::{Block, Msg, Writer, zero_hash};
 
 const BS: u64 = 65536;
 

@@ -11,14 +11,15 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::relpath::RelPath;
-use crate::replica::incoming::{Incoming, MAX_FILE};
-use crate::replica::retention::Policy;
-use crate::replica::tree::validate;
-use crate::replica::{Replica, apply};
+use crate::model::FileId;
+use crate::model::relpath::RelPath;
+use crate::model::retention::Policy;
+use crate::model::{Kind, Manifest};
+use crate::replica::posix::incoming::{Incoming, MAX_FILE};
+use crate::replica::posix::tree::validate;
+use crate::replica::posix::{Replica, apply};
 use crate::sys;
-use crate::track::FileId;
-use crate::wire::{BlockHash, Frame, Hashes, Kind, Manifest, Msg, Reader, WireError, Writer};
+use crate::wire::{BlockHash, Frame, Hashes, Msg, Reader, WireError, Writer};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;

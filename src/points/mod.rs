@@ -1,0 +1,3 @@
+//! Reading recovery points: restore.
+
+pub mod restore;

@@ -1,0 +1,427 @@
+//! The cycle being received: verified blocks staged in `incoming/` until the commit applies
+//! them. Staging is what makes an apply atomic (nothing touches the latest files before the
+//! whole cycle is here and verified) and a transfer resumable: an attempt that broke off
+//! leaves its blocks staged, and the next attempt of the same generation re-hashes them
+//! when the sender asks, so blocks already here do not travel again. Runs of zero blocks
+//! (holes) are kept as ranges, so a sparse terabyte costs a few records, not millions.
+//!
+//! Format v1: `incoming/cycle.json` `{version, generation, base}`; per file `<id>.data`
+//! (data blocks at their own offsets, sparse) and `<id>.idx`, 48-byte records: block u64,
+//! length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks: length counts blocks),
+//! 3 pad bytes, BLAKE3 (32).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{At, Error, Result};
+use crate::model::FileId;
+use crate::model::runs::{minus, union};
+use crate::sys;
+use crate::wire::{Block, BlockHash, zero_hash};
+
+pub const VERSION: u32 = 1;
+/// No file on a replica may be larger than this (4 PiB).
+pub const MAX_FILE: u64 = 1 << 52;
+/// How many files one cycle may stage.
+const MAX_FILES: usize = 1 << 20;
+const RECORD: usize = 48;
+const OPEN_CAP: usize = 256;
+const RUN: u8 = 2;
+/// Index records are buffered 64 at a time: few write calls, and a crash loses at most
+/// the last 64 blocks' records (those blocks are then sent again).
+const IDX_BUFFER: usize = 64 * RECORD;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Staged {
+    pub len: u32,
+    pub zero: bool,
+    pub hash: [u8; 32],
+    /// Received or re-hashed in this attempt: only confirmed blocks are applied.
+    pub confirmed: bool,
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct CycleFile {
+    version: u32,
+    generation: u64,
+    base: Option<u64>,
+}
+
+/// What is staged for one file.
+#[derive(Default)]
+struct Staging {
+    blocks: BTreeMap<u64, Staged>,
+    /// Runs of whole zero blocks. They carry no data, so a run left by an earlier
+    /// attempt is as good as a new one.
+    zeros: Vec<[u64; 2]>,
+}
+
+pub struct Incoming {
+    pub dir: PathBuf,
+    pub generation: u64,
+    bs: u64,
+    files: HashMap<FileId, Staging>,
+    open: HashMap<FileId, (File, BufWriter<File>)>,
+    received: u64,
+}
+
+fn encode(b: u64, len: u32, kind: u8, hash: &[u8; 32]) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[..8].copy_from_slice(&b.to_le_bytes());
+    r[8..12].copy_from_slice(&len.to_le_bytes());
+    r[12] = kind;
+    r[16..48].copy_from_slice(hash);
+    r
+}
+
+impl Incoming {
+    /// Starts receiving `generation`: resumes what an earlier attempt of the same
+    /// generation staged, or starts clean.
+    pub fn begin(dir: &Path, generation: u64, base: Option<u64>, bs: u64) -> Result<Incoming> {
+        let cf = CycleFile {
+            version: VERSION,
+            generation,
+            base,
+        };
+        let p = dir.join("cycle.json");
+        let resume = fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CycleFile>(&b).ok())
+            .is_some_and(|old| old == cf);
+        if !resume && dir.exists() {
+            fs::remove_dir_all(dir).at(dir)?;
+        }
+        fs::create_dir_all(dir).at(dir)?;
+        let body = serde_json::to_vec(&cf).map_err(|e| Error::Invalid(e.to_string()))?;
+        sys::write_atomic(&p, &body).at(&p)?;
+        let mut inc = Incoming::empty(dir, generation, bs);
+        if resume {
+            inc.load(false)?;
+        }
+        Ok(inc)
+    }
+
+    fn empty(dir: &Path, generation: u64, bs: u64) -> Incoming {
+        Incoming {
+            dir: dir.to_path_buf(),
+            generation,
+            bs,
+            files: HashMap::new(),
+            open: HashMap::new(),
+            received: 0,
+        }
+    }
+
+    /// Loads a committed staging area (for recovering an interrupted apply): every
+    /// staged block counts.
+    pub fn committed(dir: &Path, bs: u64) -> Result<Incoming> {
+        let p = dir.join("cycle.json");
+        let b = fs::read(&p).at(&p)?;
+        let cf: CycleFile =
+            serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))?;
+        let mut inc = Incoming::empty(dir, cf.generation, bs);
+        inc.load(true)?;
+        Ok(inc)
+    }
+
+    fn load(&mut self, confirmed: bool) -> Result<()> {
+        for e in fs::read_dir(&self.dir).at(&self.dir)? {
+            let path = e.at(&self.dir)?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".idx"))
+                .and_then(FileId::parse)
+            else {
+                continue;
+            };
+            let mut buf = Vec::new();
+            File::open(&path)
+                .at(&path)?
+                .read_to_end(&mut buf)
+                .at(&path)?;
+            let st = self.files.entry(id).or_default();
+            for r in buf.chunks_exact(RECORD) {
+                let b = u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8]));
+                let len = u32::from_le_bytes(r[8..12].try_into().unwrap_or([0; 4]));
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&r[16..48]);
+                if r[12] == RUN {
+                    let run = [b, b.saturating_add(u64::from(len))];
+                    st.zeros = union(st.zeros.iter().copied().chain([run]).collect());
+                } else {
+                    st.zeros = minus(&st.zeros, &[[b, b + 1]]);
+                    st.blocks.insert(
+                        b,
+                        Staged {
+                            len,
+                            zero: r[12] == 1,
+                            hash,
+                            confirmed,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn paths(&self, id: FileId) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("{id}.data")),
+            self.dir.join(format!("{id}.idx")),
+        )
+    }
+
+    fn files(&mut self, id: FileId) -> Result<&mut (File, BufWriter<File>)> {
+        if !self.open.contains_key(&id) {
+            if self.open.len() >= OPEN_CAP {
+                self.open.clear();
+            }
+            let (d, i) = self.paths(id);
+            let data = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&d)
+                .at(&d)?;
+            let idx = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&i)
+                .at(&i)?;
+            self.open
+                .insert(id, (data, BufWriter::with_capacity(IDX_BUFFER, idx)));
+        }
+        self.open
+            .get_mut(&id)
+            .ok_or_else(|| Error::Invalid("staging file vanished".into()))
+    }
+
+    fn check(&self, b: &Block) -> Result<Option<u64>> {
+        let bs = self.bs;
+        let bad = |why: &str| {
+            Err(Error::Invalid(format!(
+                "block at {} of file {}: {why}",
+                b.offset, b.id
+            )))
+        };
+        if b.offset % bs != 0 || b.len == 0 {
+            return bad(&format!("does not fit the {bs}-byte blocks"));
+        }
+        if b.offset
+            .checked_add(u64::from(b.len))
+            .is_none_or(|e| e > MAX_FILE)
+        {
+            return bad("beyond any file");
+        }
+        if !self.files.contains_key(&b.id) && self.files.len() >= MAX_FILES {
+            return Err(Error::Invalid("too many files in one cycle".into()));
+        }
+        if b.zero && u64::from(b.len) > bs {
+            // A run of whole zero blocks.
+            if u64::from(b.len) % bs != 0 || b.hash != zero_hash(bs as usize) {
+                return bad("a zero run that fails its check");
+            }
+            return Ok(Some(u64::from(b.len) / bs));
+        }
+        if u64::from(b.len) > bs {
+            return bad(&format!("does not fit the {bs}-byte blocks"));
+        }
+        let ok = if b.zero {
+            b.hash == zero_hash(b.len as usize)
+        } else {
+            *blake3::hash(&b.data).as_bytes() == b.hash
+        };
+        if !ok {
+            return bad("fails its BLAKE3 check");
+        }
+        Ok(None)
+    }
+
+    /// Checks a block (or a run of zero blocks) from the stream and stages it.
+    pub fn put(&mut self, b: &Block) -> Result<()> {
+        let run = self.check(b)?;
+        let first = b.offset / self.bs;
+        let (data_path, idx_path) = self.paths(b.id);
+        let record = match run {
+            Some(n) => encode(first, n as u32, RUN, &b.hash),
+            None => encode(first, b.len, u8::from(b.zero), &b.hash),
+        };
+        {
+            let (data, idx) = self.files(b.id)?;
+            if !b.zero {
+                data.write_all_at(&b.data, b.offset).at(&data_path)?;
+            } else if data.metadata().at(&data_path)?.len() > b.offset {
+                // Zeros over bytes an earlier attempt staged: the staged file must stay
+                // exactly what is staged (a new file is moved into place as it is).
+                crate::replica::posix::undo::punch_hole(data, b.offset, u64::from(b.len))
+                    .at(&data_path)?;
+            }
+            idx.write_all(&record).at(&idx_path)?;
+        }
+        let st = self.files.entry(b.id).or_default();
+        match run {
+            Some(n) => {
+                let r = [first, first + n];
+                let gone: Vec<u64> = st.blocks.range(first..first + n).map(|(k, _)| *k).collect();
+                for k in gone {
+                    st.blocks.remove(&k);
+                }
+                st.zeros = union(st.zeros.iter().copied().chain([r]).collect());
+            }
+            None => {
+                st.zeros = minus(&st.zeros, &[[first, first + 1]]);
+                st.blocks.insert(
+                    first,
+                    Staged {
+                        len: b.len,
+                        zero: b.zero,
+                        hash: b.hash,
+                        confirmed: true,
+                    },
+                );
+            }
+        }
+        self.received += 1;
+        crate::sys::fault::hit_nth("receive", self.received);
+        Ok(())
+    }
+
+    /// The hash of a block an earlier attempt staged, re-read from the staged data (so a
+    /// torn write from a crash is never trusted); the block then counts for this attempt.
+    pub fn rehash(&mut self, id: FileId, block: u64) -> Result<Option<BlockHash>> {
+        let Some(st) = self.files.get(&id) else {
+            return Ok(None);
+        };
+        if crate::model::runs::covers(&st.zeros, block) {
+            return Ok(Some(BlockHash::Zero));
+        }
+        let Some(s) = st.blocks.get(&block).copied() else {
+            return Ok(None);
+        };
+        let h = if s.zero {
+            BlockHash::Zero
+        } else {
+            let mut buf = vec![0u8; s.len as usize];
+            self.read(id, block, &mut buf)?;
+            let h = *blake3::hash(&buf).as_bytes();
+            if h != s.hash {
+                if let Some(st) = self.files.get_mut(&id) {
+                    st.blocks.remove(&block);
+                }
+                return Ok(None);
+            }
+            BlockHash::Data(h)
+        };
+        if let Some(st) = self
+            .files
+            .get_mut(&id)
+            .and_then(|f| f.blocks.get_mut(&block))
+        {
+            st.confirmed = true;
+        }
+        Ok(Some(h))
+    }
+
+    /// Reads a staged block's bytes.
+    pub fn read(&mut self, id: FileId, block: u64, buf: &mut [u8]) -> Result<()> {
+        let off = block * self.bs;
+        let (data_path, _) = self.paths(id);
+        let (data, _) = self.files(id)?;
+        let n = sys::read_full(data, buf, off).at(&data_path)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// The staged data of file `id`: its blocks at their own offsets, holes elsewhere.
+    pub fn data_file(&self, id: FileId) -> PathBuf {
+        self.paths(id).0
+    }
+
+    /// Whether the staged data file of `id` is exactly the file's content: it exists and
+    /// every block in it counts for this attempt.
+    pub fn adoptable(&self, id: FileId) -> bool {
+        self.files
+            .get(&id)
+            .is_some_and(|f| f.blocks.values().all(|s| s.confirmed))
+            && self.data_file(id).exists()
+    }
+
+    /// The single blocks to apply to file `id`: those confirmed in this attempt.
+    pub fn confirmed(&self, id: FileId) -> Vec<(u64, Staged)> {
+        self.files
+            .get(&id)
+            .map(|f| {
+                f.blocks
+                    .iter()
+                    .filter(|(_, s)| s.confirmed)
+                    .map(|(b, s)| (*b, *s))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The runs of zero blocks to apply to file `id`.
+    pub fn zero_runs(&self, id: FileId) -> Vec<[u64; 2]> {
+        self.files
+            .get(&id)
+            .map(|f| f.zeros.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every block the cycle changes in file `id`, as runs.
+    pub fn changed(&self, id: FileId) -> Vec<[u64; 2]> {
+        let singles = self.confirmed(id).into_iter().map(|(b, _)| [b, b + 1]);
+        union(singles.chain(self.zero_runs(id)).collect())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files
+            .values()
+            .map(|f| {
+                let single: u64 = f
+                    .blocks
+                    .values()
+                    .filter(|s| s.confirmed)
+                    .map(|s| u64::from(s.len))
+                    .sum();
+                let zeros: u64 = f.zeros.iter().map(|r| r[1] - r[0]).sum();
+                single + zeros * self.bs
+            })
+            .sum()
+    }
+
+    /// Before an apply: keeps only what this attempt confirmed in the index, and makes
+    /// everything staged durable.
+    pub fn seal(&mut self) -> Result<()> {
+        self.open.clear();
+        let ids: Vec<FileId> = self.files.keys().copied().collect();
+        for id in ids {
+            let (d, i) = self.paths(id);
+            let mut body = Vec::new();
+            for (b, s) in self.confirmed(id) {
+                body.extend_from_slice(&encode(b, s.len, u8::from(s.zero), &s.hash));
+            }
+            for r in self.zero_runs(id) {
+                let mut start = r[0];
+                while start < r[1] {
+                    let n = (r[1] - start).min(u64::from(u32::MAX));
+                    body.extend_from_slice(&encode(start, n as u32, RUN, &[0; 32]));
+                    start += n;
+                }
+            }
+            if d.exists() {
+                File::open(&d).at(&d)?.sync_all().at(&d)?;
+            }
+            sys::write_atomic(&i, &body).at(&i)?;
+        }
+        sys::fsync_dir(&self.dir).at(&self.dir)
+    }
+}

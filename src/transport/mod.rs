@@ -1,0 +1,3 @@
+//! Reaching a replica's receiver: a byte stream to `drfs receive` for a target.
+
+pub mod local;
