@@ -10,7 +10,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use drfs::model::RelPath;
 use drfs::primary::track::Tracker;
 use drfs::primary::track::bitmap::Bitmap;
-use drfs::state::{LastStop, RunStart, StateDir};
+use drfs::primary::track::run::{LastStop, RunStart};
+use drfs::state::StateDir;
 
 fn tracker(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,22 +1,60 @@
-//! The library's error type. Every failure that reaches an operator reads as one line:
-//! what went wrong and on which path. The CLI wraps these in anyhow for context.
+//! The library's error type, and the one rule that says whether a retry can help.
+//!
+//! Every failure that reaches an operator reads as one line: what went wrong and where.
+//! Each error has a `Class` (Azure Site Recovery's split): `Transient` when trying again
+//! later can succeed — the link to the replica broke, the receiver went away, a disk is
+//! full, something is busy — and `Operator` when it cannot until someone acts — the
+//! replica diverged or belongs to another store, a permission is missing, state is
+//! corrupt, the input cannot work. The daemon's schedule retries the first and stops on
+//! the second; `drfs ship` exits 1 or 2 by it; the receiver tells the sender which it was.
+//! The CLI wraps these in anyhow for context.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Whether trying again later can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Transient,
+    Operator,
+}
+
+impl Class {
+    /// From the stream's `recoverable` flag.
+    pub fn from_recoverable(recoverable: bool) -> Class {
+        if recoverable {
+            Class::Transient
+        } else {
+            Class::Operator
+        }
+    }
+
+    pub fn is_transient(self) -> bool {
+        self == Class::Transient
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A system call failed on a path: the errno decides (`Io::class`).
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    /// Input that cannot work: a path that is not a store, an option out of range.
     #[error("{0}")]
     Invalid(String),
+    /// drfs's own state, or a replica's, is not what drfs wrote.
     #[error("{} is corrupt: {why}", path.display())]
     Corrupt { path: PathBuf, why: String },
+    /// Something else holds what this needs (a lock, a mount, open files).
     #[error("{0}")]
     Busy(String),
-    /// The replica refused, or a cycle failed in a way that says whether to retry.
+    /// The stream to the other side broke or made no sense (a dropped link, a receiver
+    /// that died, a garbled frame).
+    #[error("{0}")]
+    Link(String),
+    /// The other side, or a rule of drfs, refused, saying whether to retry.
     #[error("{message}")]
-    Refused { message: String, recoverable: bool },
+    Refused { message: String, class: Class },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -29,18 +67,39 @@ impl Error {
         }
     }
 
-    /// Whether retrying later may succeed (Azure Site Recovery's recoverable errors:
-    /// network, disk full, memory); permissions, diverged or corrupt state are not.
-    pub fn recoverable(&self) -> bool {
-        match self {
-            Error::Io { source, .. } => !matches!(
-                source.raw_os_error(),
-                Some(libc::EACCES | libc::EPERM | libc::EROFS)
-            ),
-            Error::Corrupt { .. } => false,
-            Error::Refused { recoverable, .. } => *recoverable,
-            Error::Invalid(_) | Error::Busy(_) => true,
+    /// A refusal an operator must resolve.
+    pub fn operator(message: impl Into<String>) -> Self {
+        Error::Refused {
+            message: message.into(),
+            class: Class::Operator,
         }
+    }
+
+    /// A refusal a later retry can get past.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Error::Refused {
+            message: message.into(),
+            class: Class::Transient,
+        }
+    }
+
+    /// Encoding drfs's own record failed: a bug, not something a retry fixes.
+    pub fn encode(e: impl std::fmt::Display) -> Self {
+        Error::operator(format!("encoding a drfs record: {e}"))
+    }
+
+    pub fn class(&self) -> Class {
+        match self {
+            Error::Io { source, .. } => io_class(source),
+            Error::Busy(_) | Error::Link(_) => Class::Transient,
+            Error::Invalid(_) | Error::Corrupt { .. } => Class::Operator,
+            Error::Refused { class, .. } => *class,
+        }
+    }
+
+    /// Whether retrying later may succeed.
+    pub fn recoverable(&self) -> bool {
+        self.class().is_transient()
     }
 
     /// The errno behind an I/O failure, if there is one.
@@ -49,6 +108,15 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// A permission or a read-only filesystem needs an operator; a full disk, a network
+/// filesystem that went away, an interrupted call may clear by themselves.
+fn io_class(e: &io::Error) -> Class {
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => Class::Operator,
+        _ => Class::Transient,
     }
 }
 
@@ -63,5 +131,31 @@ impl<T> At<T> for io::Result<T> {
             path: path.to_path_buf(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_rule_classifies_every_error() {
+        let io = |errno| Error::Io {
+            path: "/x".into(),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(io(libc::ENOSPC).class(), Class::Transient);
+        assert_eq!(io(libc::EACCES).class(), Class::Operator);
+        assert_eq!(io(libc::EROFS).class(), Class::Operator);
+        assert_eq!(Error::Link("gone".into()).class(), Class::Transient);
+        assert_eq!(Error::Busy("locked".into()).class(), Class::Transient);
+        assert_eq!(Error::Invalid("no".into()).class(), Class::Operator);
+        assert_eq!(
+            Error::corrupt(Path::new("/x"), "bad").class(),
+            Class::Operator
+        );
+        assert_eq!(Error::operator("diverged").class(), Class::Operator);
+        assert_eq!(Error::transient("full").class(), Class::Transient);
+        assert_eq!(Class::from_recoverable(true), Class::Transient);
     }
 }

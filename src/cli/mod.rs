@@ -1,12 +1,19 @@
-//! The command line: argument parsing (clap) and one function per command. Errors print as
-//! a single line `drfs: ...` with a non-zero exit; usage errors exit 2 (clap's convention).
+//! The command line: argument parsing (clap), dispatch to `ops` and the library, and what
+//! is printed (`render`, `progress`). Errors print as a single line `drfs: ...` with a
+//! non-zero exit; usage errors exit 2 (clap's convention); `drfs ship` and `drfs receive`
+//! exit 1 when a retry can help and 2 when an operator must act.
+
+pub mod progress;
+pub mod render;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::daemon::{self, MountOpts};
+use crate::error::Class;
+use crate::model::settings::parse_size;
+use crate::ops::mount::{self, MountOpts};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +36,7 @@ enum Cmd {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
         /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = crate::daemon::DEFAULT_THREADS)]
+        #[arg(long, default_value_t = crate::fuse::serve::DEFAULT_THREADS)]
         threads: usize,
         /// Let users other than the one mounting use the mount (e.g. qemu as libvirt-qemu).
         #[arg(long)]
@@ -139,23 +146,6 @@ enum Cmd {
     },
 }
 
-/// Parses sizes like `65536`, `64K`, `1M`, `4KiB`.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s}"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => return Err(format!("not a size: {s}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size too large: {s}"))
-}
-
 fn check_block_size(bs: Option<u64>) -> Result<()> {
     if let Some(bs) = bs {
         anyhow::ensure!(
@@ -183,7 +173,7 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             check_block_size(block_size)?;
             anyhow::ensure!((1..=256).contains(&threads), "--threads must be 1..256");
-            daemon::mount(&MountOpts {
+            mount::mount(&MountOpts {
                 store,
                 mountpoint,
                 block_size,
@@ -193,7 +183,7 @@ fn run(cli: Cli) -> Result<i32> {
                 track: !no_track,
             })?;
         }
-        Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy)?,
+        Cmd::Unmount { mountpoint, lazy } => mount::unmount(&mountpoint, lazy)?,
         Cmd::Changes { store, path, json } => {
             let mnt = store.canonicalize().unwrap_or_else(|_| store.clone());
             let store = behind(&store);
@@ -209,7 +199,7 @@ fn run(cli: Cli) -> Result<i32> {
                     serde_json::to_string_pretty(&c).context("encoding JSON")?
                 );
             } else {
-                print!("{}", crate::obs::changes::render(&c));
+                print!("{}", render::changes(&c));
             }
         }
         Cmd::Protect {
@@ -218,17 +208,58 @@ fn run(cli: Cli) -> Result<i32> {
             interval,
             keep,
             group,
-        } => crate::ops::protect(&behind(&store), &to, &interval, &keep, &group)?,
-        Cmd::Ship { store, resync } => return crate::ops::ship(&behind(&store), resync),
-        Cmd::Receive { replica } => return Ok(crate::ops::receive(&replica)),
-        Cmd::Points { replica, json } => crate::ops::points(&replica, json)?,
-        Cmd::Status { path, json } => crate::ops::status(&behind(&path), json)?,
+        } => protect(&behind(&store), &to, &interval, &keep, &group)?,
+        Cmd::Ship { store, resync } => {
+            let progress = progress::bar("shipping");
+            return match crate::ops::ship::ship(&behind(&store), resync, progress) {
+                Ok(r) => {
+                    render::ship(&r);
+                    Ok(r.code)
+                }
+                Err(e) => {
+                    eprintln!("drfs: {e}");
+                    Ok(exit_code(e.class()))
+                }
+            };
+        }
+        Cmd::Receive { replica } => {
+            return Ok(match crate::ops::receive::receive(&replica) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("drfs receive: {e}");
+                    exit_code(e.class())
+                }
+            });
+        }
+        Cmd::Points { replica, json } => {
+            let r = crate::replica::posix::Replica::open_only(&replica)?;
+            let mut points = r.points()?;
+            points.reverse();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::points_json(&points))?
+                );
+            } else {
+                print!("{}", render::points(&points));
+            }
+        }
+        Cmd::Status { path, json } => match crate::ops::status::of(&behind(&path))? {
+            crate::ops::status::Status::Replica(s) if json => {
+                println!("{}", serde_json::to_string_pretty(&s)?)
+            }
+            crate::ops::status::Status::Replica(s) => print!("{}", render::replica(&s)),
+            crate::ops::status::Status::Store(v) if json => {
+                println!("{}", serde_json::to_string_pretty(&v)?)
+            }
+            crate::ops::status::Status::Store(v) => print!("{}", render::store_value(&v)),
+        },
         Cmd::Browse {
             replica,
             mountpoint,
             allow_other,
             foreground,
-        } => crate::ops::browse(&replica, &mountpoint, allow_other, foreground)?,
+        } => crate::ops::browse::browse(&replica, &mountpoint, allow_other, foreground)?,
         Cmd::TestFailover {
             replica,
             point,
@@ -236,7 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
             stop,
             allow_other,
             foreground,
-        } => crate::ops::test_failover(
+        } => test_failover(
             &replica,
             point.as_deref(),
             at.as_deref(),
@@ -250,9 +281,118 @@ fn run(cli: Cli) -> Result<i32> {
             path,
             to,
             force,
-        } => crate::ops::restore(&replica, &point, path.as_deref(), &to, force)?,
+        } => restore(&replica, &point, path.as_deref(), &to, force)?,
     }
     Ok(0)
+}
+
+/// The exit code of a command that failed with an error of `class`.
+fn exit_code(class: Class) -> i32 {
+    match class {
+        Class::Transient => 1,
+        Class::Operator => 2,
+    }
+}
+
+fn protect(
+    store: &std::path::Path,
+    to: &std::path::Path,
+    interval: &str,
+    keep: &str,
+    group: &str,
+) -> Result<()> {
+    let to = to.to_string_lossy();
+    let rep = crate::ops::protect::protect(&crate::ops::protect::Protect {
+        store,
+        to: &to,
+        interval,
+        keep,
+        group,
+    })?;
+    let (_, cfg) = crate::state::StateDir::open(&store.canonicalize()?)?;
+    let req = crate::daemon::control::Request::Poke;
+    let running = crate::daemon::control::call(&cfg.store_id, &req)?.is_some();
+    println!(
+        "{} replicates to {} every {} (keep {}, group {}){}",
+        store.display(),
+        rep.target,
+        rep.interval,
+        rep.keep,
+        rep.group,
+        if running {
+            "; the mounted daemon starts now"
+        } else {
+            "; cycles run while it is mounted, or with `drfs ship`"
+        }
+    );
+    Ok(())
+}
+
+fn restore(
+    replica: &std::path::Path,
+    point: &str,
+    path: Option<&str>,
+    to: &std::path::Path,
+    force: bool,
+) -> Result<()> {
+    let r = crate::replica::posix::Replica::open_only(replica)?;
+    let rel = match path {
+        Some(p) => Some(
+            crate::model::RelPath::parse(p.trim_matches('/'))
+                .filter(|r| !r.is_root())
+                .with_context(|| format!("bad --path {p:?}"))?,
+        ),
+        None => None,
+    };
+    let done = crate::points::restore::restore(
+        &r,
+        &crate::points::restore::RestoreOpts {
+            point,
+            path: rel.as_ref(),
+            to,
+            force,
+            progress: progress::bar("restoring"),
+        },
+    )?;
+    println!(
+        "restored point {point}: {} files, {} of data to {}",
+        done.files,
+        crate::model::fmt::human(done.bytes),
+        to.display()
+    );
+    Ok(())
+}
+
+fn test_failover(
+    replica: &std::path::Path,
+    point: Option<&str>,
+    at: Option<&std::path::Path>,
+    stop: bool,
+    allow_other: bool,
+    foreground: bool,
+) -> Result<()> {
+    if stop {
+        let s = crate::ops::test_failover::stop(replica)?;
+        println!(
+            "test failover of point {} at {} stopped and discarded",
+            s.point,
+            s.at.display()
+        );
+        return Ok(());
+    }
+    let (Some(point), Some(at)) = (point, at) else {
+        anyhow::bail!("--point and --at are needed (or --stop)");
+    };
+    let at = crate::ops::test_failover::start(replica, point, at, allow_other, foreground)?;
+    if !foreground {
+        let r = crate::replica::posix::Replica::open_only(replica)?;
+        println!(
+            "point {point} is at {} as a writable clone; `drfs test-failover {} --stop` discards it",
+            at.display(),
+            r.root.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -280,19 +420,5 @@ pub fn main() -> i32 {
             eprintln!("drfs: {e:#}");
             1
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
     }
 }

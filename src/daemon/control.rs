@@ -103,7 +103,7 @@ fn answer(
         }) => {
             let o = sched.ship_now(CycleOpts {
                 resync,
-                progress: false,
+                progress: None,
                 consistency,
             });
             sched.poke();
@@ -128,7 +128,7 @@ pub fn call(store_id: &str, req: &Request) -> Result<Option<serde_json::Value>> 
         Err(_) => return Ok(None),
     };
     let _ = conn.set_read_timeout(None::<Duration>);
-    let body = serde_json::to_string(req).map_err(|e| Error::Invalid(e.to_string()))?;
+    let body = serde_json::to_string(req).map_err(Error::encode)?;
     (&conn)
         .write_all(format!("{body}\n").as_bytes())
         .at(&path)?;

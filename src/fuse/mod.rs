@@ -8,3 +8,5 @@ pub mod attach;
 pub mod bufalloc;
 pub mod daemon;
 pub mod mountinfo;
+pub mod serve;
+pub mod table;

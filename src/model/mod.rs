@@ -6,6 +6,7 @@
 pub mod fmt;
 pub mod id;
 pub mod manifest;
+pub mod progress;
 pub mod relpath;
 pub mod retention;
 pub mod runs;

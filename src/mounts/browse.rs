@@ -26,10 +26,11 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use crate::fuse::serve::{DEFAULT_THREADS, Options, Starting};
+use crate::fuse::table::Table;
 use crate::model::PointInfo;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind};
-use crate::primary::passthrough::handle::Table;
 use crate::replica::posix::Replica;
 use crate::replica::posix::read::{PointFile, PointView};
 
@@ -463,7 +464,7 @@ impl Filesystem for Browse {
         let all = all
             .into_iter()
             .map(|(id, kind, name)| (id, kind, std::ffi::OsString::from_vec(name)));
-        crate::primary::passthrough::handle::reply_entries(reply, offset, all);
+        crate::fuse::table::reply_entries(reply, offset, all);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -514,11 +515,9 @@ impl Filesystem for Browse {
             return reply.error(Errno::EBADF);
         };
         // Page-aligned, so aligned reads reach the replica O_DIRECT.
-        crate::primary::passthrough::handle::with_aligned(size as usize, |buf| {
-            match f.read_at(buf, offset) {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(Errno::from(e)),
-            }
+        crate::sys::aligned::with_aligned(size as usize, |buf| match f.read_at(buf, offset) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(Errno::from(e)),
         })
     }
 
@@ -589,51 +588,25 @@ pub fn serve(
     replica: &std::path::Path,
     mnt: &std::path::Path,
     allow_other: bool,
-    mut ready: crate::fuse::daemon::Ready,
+    ready: crate::fuse::daemon::Ready,
 ) -> crate::error::Result<()> {
-    let signals = crate::fuse::daemon::block_signals();
-    let r = match Replica::open_only(replica) {
-        Ok(r) => r,
-        Err(e) => {
-            ready.say(&format!("ERR {e}"));
-            return Err(e);
-        }
-    };
-    crate::fuse::daemon::log_to(&log_path(&r));
-    let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![
-        fuser::MountOption::FSName(format!(
+    let mut start = Starting::new(ready);
+    let r = start.check(Replica::open_only(replica))?;
+    start.log_to(&log_path(&r));
+    let opts = Options {
+        fsname: format!(
             "{}{}",
             crate::fuse::mountinfo::BROWSE_PREFIX,
             r.root.display()
-        )),
-        fuser::MountOption::Subtype("drfs".into()),
-        fuser::MountOption::RO,
-        fuser::MountOption::DefaultPermissions,
-    ];
-    if allow_other {
-        cfg.acl = fuser::SessionACL::All;
-    }
-    cfg.n_threads = Some(crate::daemon::DEFAULT_THREADS);
-    let session = match crate::fuse::attach::attach(Browse::new(r), mnt, &cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            let e = crate::error::Error::Invalid(format!("mounting at {}: {e}", mnt.display()));
-            tracing::error!("{e}");
-            ready.say(&format!("ERR {e}"));
-            return Err(e);
-        }
+        ),
+        read_only: true,
+        allow_other,
+        threads: DEFAULT_THREADS,
     };
-    crate::daemon::tune_readahead(mnt, replica);
-    ready.say("OK");
-    tracing::info!("browsing {} at {}", replica.display(), mnt.display());
-    crate::fuse::daemon::watch_signals(signals, mnt.to_path_buf());
-    let result = session
-        .run()
-        .map_err(|e| crate::error::Error::Invalid(format!("browse session: {e}")));
-    match &result {
-        Ok(()) => tracing::info!("{} unmounted", mnt.display()),
-        Err(e) => tracing::error!("{}: {e}", mnt.display()),
-    }
-    result
+    let served = start.mount(Browse::new(r), mnt, replica, &opts)?;
+    served.serve(&format!(
+        "browsing {} at {}",
+        replica.display(),
+        mnt.display()
+    ))
 }

@@ -26,6 +26,7 @@ use fuser::{
 };
 use parking_lot::{Mutex, RwLock};
 
+use crate::fuse::serve::{DEFAULT_THREADS, Options, Starting};
 use crate::model::Kind;
 use crate::replica::posix::read::{PointFile, PointView};
 
@@ -719,7 +720,7 @@ impl Filesystem for Clone {
         let all = all
             .into_iter()
             .map(|(id, kind, name)| (id, kind, std::ffi::OsString::from_vec(name)));
-        crate::primary::passthrough::handle::reply_entries(reply, offset, all);
+        crate::fuse::table::reply_entries(reply, offset, all);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -804,13 +805,13 @@ pub fn serve(
     point: &str,
     at: &std::path::Path,
     allow_other: bool,
-    mut ready: crate::fuse::daemon::Ready,
+    ready: crate::fuse::daemon::Ready,
 ) -> crate::error::Result<()> {
     use crate::error::{At, Error};
-    let signals = crate::fuse::daemon::block_signals();
-    let start = (|| {
-        let r = crate::replica::posix::Replica::open_only(replica)?;
-        crate::fuse::daemon::log_to(&log_path(&r));
+    let mut start = Starting::new(ready);
+    let r = start.check(crate::replica::posix::Replica::open_only(replica))?;
+    start.log_to(&log_path(&r));
+    let prepared = (|| {
         let lock = lock(&r)?;
         let view = PointView::open(&r, point)?;
         let dir = overlay_dir(&r);
@@ -826,51 +827,41 @@ pub fn serve(
             pid: std::process::id() as i32,
             started: crate::model::fmt::rfc3339_now(),
         };
-        let body = serde_json::to_vec_pretty(&s).map_err(|e| Error::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&s).map_err(Error::encode)?;
         let sp = session_path(&r);
         crate::sys::write_atomic(&sp, &body).at(&sp)?;
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = vec![
-            fuser::MountOption::FSName(format!(
-                "{}{}",
-                crate::fuse::mountinfo::CLONE_PREFIX,
-                r.root.display()
-            )),
-            fuser::MountOption::Subtype("drfs".into()),
-            fuser::MountOption::DefaultPermissions,
-        ];
-        if allow_other {
-            cfg.acl = fuser::SessionACL::All;
-        }
-        cfg.n_threads = Some(crate::daemon::DEFAULT_THREADS);
-        let session = crate::fuse::attach::attach(fs, at, &cfg)
-            .map_err(|e| Error::Invalid(format!("mounting at {}: {e}", at.display())))?;
-        Ok::<_, Error>((r, lock, session))
-    })();
-    let (r, _lock, session) = match start {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::error!("test failover of point {point} at {}: {e}", at.display());
-            ready.say(&format!("ERR {e}"));
-            return Err(e);
-        }
+        Ok::<_, Error>((lock, fs))
+    })()
+    .map_err(|e| {
+        Error::Invalid(format!(
+            "test failover of point {point} at {}: {e}",
+            at.display()
+        ))
+    });
+    let (_lock, fs) = start.check(prepared)?;
+    let opts = Options {
+        fsname: format!(
+            "{}{}",
+            crate::fuse::mountinfo::CLONE_PREFIX,
+            r.root.display()
+        ),
+        read_only: false,
+        allow_other,
+        threads: DEFAULT_THREADS,
     };
-    crate::daemon::tune_readahead(at, replica);
-    ready.say("OK");
-    tracing::info!("test failover of point {point} at {}", at.display());
-    crate::fuse::daemon::watch_signals(signals, at.to_path_buf());
-    let result = session
-        .run()
-        .map_err(|e| Error::Invalid(format!("test failover session: {e}")));
+    let served = start.mount(fs, at, replica, &opts)?;
+    let result = served.serve(&format!(
+        "test failover of point {point} at {}",
+        at.display()
+    ));
     // Throwaway: the clone's writes go with it.
     let _ = std::fs::remove_dir_all(overlay_dir(&r));
     let _ = std::fs::remove_file(session_path(&r));
-    match &result {
-        Ok(()) => tracing::info!(
+    if result.is_ok() {
+        tracing::info!(
             "test failover at {} stopped; its writes discarded",
             at.display()
-        ),
-        Err(e) => tracing::error!("{}: {e}", at.display()),
+        );
     }
     result
 }

@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::FileId;
-use crate::model::fmt::human;
 use crate::model::relpath::RelPath;
 use crate::primary::track;
 use crate::primary::track::changelog::{self, Op, Record};
@@ -120,33 +119,4 @@ pub fn collect(store: &Path, path: Option<&Path>) -> Result<Changes> {
         files,
         log,
     })
-}
-
-/// The human-readable table.
-pub fn render(c: &Changes) -> String {
-    let mut out = format!("block size {}\n", human(c.block_size));
-    out.push_str(&format!(
-        "{:<40} {:<16} {:>10} {:>12} {}\n",
-        "PATH", "ID", "SIZE", "DIRTY", "RESYNC"
-    ));
-    for f in &c.files {
-        let blocks: u64 = f.dirty.iter().map(|r| r[1] - r[0]).sum();
-        out.push_str(&format!(
-            "{:<40} {:<16} {:>10} {:>12} {}\n",
-            f.path.to_string(),
-            f.id.to_string(),
-            human(f.size),
-            human(blocks * c.block_size),
-            if f.needs_resync {
-                f.resync_why.as_deref().unwrap_or("yes")
-            } else {
-                "no"
-            }
-        ));
-    }
-    out.push_str(&format!(
-        "{} change-log records (--json lists them)\n",
-        c.log.len()
-    ));
-    out
 }

@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::model::FileId;
 use crate::model::PointInfo;
-use crate::model::fmt::human;
-use crate::primary::cycle::schedule::parse_interval;
 use crate::primary::cycle::{CycleState, LastCycle};
 use crate::primary::track::{self, Tracker};
 use crate::replica::posix::Replica;
@@ -94,7 +92,7 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
     };
     let now = sys::now_ns() as i64;
     let rep = cfg.replication.clone();
-    let interval = rep.as_ref().and_then(|r| parse_interval(&r.interval).ok());
+    let interval = rep.as_ref().and_then(|r| r.interval.every());
     let lag = st.point_time_ns.map(|t| (now - t) as f64 / 1e9);
     let hour_ago = now - 3_600_000_000_000;
     let recent: Vec<bool> = st
@@ -183,8 +181,8 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         role: "primary".into(),
         mounted,
         protected: rep.is_some(),
-        replica: rep.as_ref().map(|r| r.target.clone()),
-        interval: rep.as_ref().map(|r| r.interval.clone()),
+        replica: rep.as_ref().map(|r| r.target.to_string()),
+        interval: rep.as_ref().map(|r| r.interval.to_string()),
         state: state.into(),
         health,
         reasons,
@@ -251,98 +249,4 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
         oldest: points.first().cloned(),
         test_failover: crate::mounts::test_failover::running(r),
     })
-}
-
-pub fn render_store(s: &StoreStatus) -> String {
-    let mut o = format!("store     {}\n", s.path);
-    o += &format!("health    {:?}{}\n", s.health, reasons(&s.reasons));
-    o += &format!(
-        "state     {}{}\n",
-        s.state,
-        if s.mounted { " (mounted)" } else { "" }
-    );
-    if let Some(r) = &s.replica {
-        o += &format!(
-            "replica   {} every {}\n",
-            r,
-            s.interval.as_deref().unwrap_or("?")
-        );
-    }
-    if let Some(p) = &s.last_point {
-        o += &format!(
-            "point     {} at {} ({:.1} s ago)\n",
-            p,
-            s.last_point_time.as_deref().unwrap_or("?"),
-            s.rpo_lag_s.unwrap_or(0.0)
-        );
-    }
-    o += &format!("pending   {}\n", human(s.pending_bytes));
-    if let Some(c) = &s.last_cycle {
-        o += &format!(
-            "last      {} at {}: {} ms, {} sent, cut pause {} us{}\n",
-            if c.ok { "cycle" } else { "failed cycle" },
-            c.time,
-            c.duration_ms,
-            human(c.bytes),
-            c.pause_us,
-            c.error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        );
-    }
-    if let Some(r) = &s.last_recovery {
-        o += &format!("crash     {} ({})\n", r.summary(), r.time);
-    }
-    o += &format!(
-        "\n{:<40} {:<8} {:>12} {}\n",
-        "FILE", "HEALTH", "PENDING", "RESYNC"
-    );
-    for f in &s.files {
-        o += &format!(
-            "{:<40} {:<8} {:>12} {}\n",
-            f.path,
-            format!("{:?}", f.health),
-            human(f.pending_bytes),
-            if f.needs_resync { "yes" } else { "no" }
-        );
-    }
-    o
-}
-
-pub fn render_replica(s: &ReplicaStatus) -> String {
-    let mut o = format!("replica   {}\n", s.path);
-    o += &format!("health    {:?}{}\n", s.health, reasons(&s.reasons));
-    o += &format!("source    {}\n", s.source.as_deref().unwrap_or("?"));
-    o += &format!("keep      {}\n", s.keep);
-    o += &format!("points    {}\n", s.points);
-    if let Some(p) = &s.latest {
-        o += &format!(
-            "latest    {} at {} ({:.1} s ago)\n",
-            p.id,
-            p.time,
-            s.latest_age_s.unwrap_or(0.0)
-        );
-    }
-    if let Some(p) = &s.oldest {
-        o += &format!("oldest    {} at {}\n", p.id, p.time);
-    }
-    if let Some(t) = &s.test_failover {
-        o += &format!(
-            "test      point {} at {} since {} (stop: drfs test-failover {} --stop)\n",
-            t.point,
-            t.at.display(),
-            t.started,
-            s.path
-        );
-    }
-    o
-}
-
-fn reasons(r: &[String]) -> String {
-    if r.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", r.join("; "))
-    }
 }

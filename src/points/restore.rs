@@ -1,13 +1,14 @@
 //! `drfs restore`: writes a point's files (or one file or folder of it) to a destination,
-//! sparse-aware (holes and zero blocks are not written), with a progress bar on a terminal.
+//! sparse-aware (holes and zero blocks are not written), telling its progress.
 //! It refuses to write inside the replica, and to overwrite anything unless forced.
 
 use std::fs::{self, OpenOptions};
-use std::io::IsTerminal;
 use std::os::unix::fs::{FileExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{At, Error, Result};
+use crate::model::progress::Progress;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind};
 use crate::replica::posix::Replica;
@@ -18,7 +19,7 @@ pub struct RestoreOpts<'a> {
     pub path: Option<&'a RelPath>,
     pub to: &'a Path,
     pub force: bool,
-    pub progress: bool,
+    pub progress: Option<Arc<dyn Progress>>,
 }
 
 /// What a restore wrote.
@@ -68,11 +69,14 @@ pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
         .filter(|e| e.kind == Kind::File)
         .map(|e| e.size)
         .sum();
-    let bar = (o.progress && std::io::stderr().is_terminal()).then(|| bar(total));
-    let fresh = fs::symlink_metadata(&dest).is_err();
-    let r = write_all(&view, &entries, &dest, o, bar.as_ref());
+    let bar = o.progress.as_deref();
     if let Some(b) = bar {
-        b.finish_and_clear();
+        b.total(total);
+    }
+    let fresh = fs::symlink_metadata(&dest).is_err();
+    let r = write_all(&view, &entries, &dest, o, bar);
+    if let Some(b) = bar {
+        b.done();
     }
     if r.is_err() && fresh {
         remove_fresh(&dest);
@@ -95,7 +99,7 @@ fn write_all(
     entries: &[&Entry],
     dest: &Path,
     o: &RestoreOpts<'_>,
-    bar: Option<&indicatif::ProgressBar>,
+    bar: Option<&dyn Progress>,
 ) -> Result<Restored> {
     let mut done = Restored::default();
     let mut dirs = Vec::new();
@@ -144,16 +148,6 @@ fn check_dest(dest: &Path, o: &RestoreOpts<'_>) -> Result<()> {
     }
 }
 
-fn bar(total: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    if let Ok(s) = indicatif::ProgressStyle::with_template(
-        "restoring {bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(s);
-    }
-    pb
-}
-
 /// Copies one file of the point, leaving holes where the point has holes or zeros, and
 /// checks every block against the BLAKE3 the primary sent for it (a hole of the point
 /// against the index's zero entries, without reading it).
@@ -165,7 +159,7 @@ fn copy_file(
     e: &Entry,
     t: &Path,
     force: bool,
-    bar: Option<&indicatif::ProgressBar>,
+    bar: Option<&dyn Progress>,
 ) -> Result<u64> {
     if !force && fs::symlink_metadata(t).is_ok() {
         return Err(Error::Invalid(format!(
@@ -198,7 +192,7 @@ fn copy_into(
     e: &Entry,
     dst: &fs::File,
     t: &Path,
-    bar: Option<&indicatif::ProgressBar>,
+    bar: Option<&dyn Progress>,
 ) -> Result<u64> {
     let src = view.file(e)?;
     let bs = view.manifest.block_size;
@@ -209,7 +203,7 @@ fn copy_into(
     let mut shown = 0;
     let mut progress = |upto: u64| {
         if let Some(p) = bar {
-            p.inc(upto.min(e.size) - shown);
+            p.add(upto.min(e.size) - shown);
             shown = upto.min(e.size);
         }
     };

@@ -10,7 +10,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{At, Class, Error, Result};
 use crate::model::FileId;
 use crate::model::relpath::RelPath;
 use crate::model::retention::Policy;
@@ -19,51 +19,23 @@ use crate::replica::posix::incoming::{Incoming, MAX_FILE};
 use crate::replica::posix::tree::validate;
 use crate::replica::posix::{Replica, apply};
 use crate::sys;
-use crate::wire::{BlockHash, Frame, Hashes, Msg, Reader, WireError, Writer};
+use crate::wire::{BlockHash, Frame, Hashes, Msg, Reader, Writer};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;
 /// How many blocks one hash request may cover.
 const MAX_HASH_BLOCKS: u64 = 1 << 16;
 
-/// A failure, and whether the sender should retry it.
-#[derive(Debug)]
-pub struct Refusal {
-    pub message: String,
-    pub recoverable: bool,
-}
-
-impl From<Error> for Refusal {
-    fn from(e: Error) -> Self {
-        Refusal {
-            recoverable: e.recoverable(),
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<WireError> for Refusal {
-    fn from(e: WireError) -> Self {
-        Refusal {
-            message: e.to_string(),
-            recoverable: true,
-        }
-    }
-}
-
-fn refuse<T>(message: impl Into<String>, recoverable: bool) -> std::result::Result<T, Refusal> {
-    Err(Refusal {
+fn refuse<T>(message: impl Into<String>, recoverable: bool) -> Result<T> {
+    Err(Error::Refused {
         message: message.into(),
-        recoverable,
+        class: Class::from_recoverable(recoverable),
     })
 }
 
 /// Waits until no other receiver works on this replica (the lock goes with the process).
-fn lock(root: &Path) -> std::result::Result<File, Refusal> {
-    let dir = File::open(root).map_err(|e| Refusal {
-        message: format!("replica {}: {e}", root.display()),
-        recoverable: e.kind() != std::io::ErrorKind::PermissionDenied,
-    })?;
+fn lock(root: &Path) -> Result<File> {
+    let dir = File::open(root).at(root)?;
     if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return refuse(format!("cannot lock replica {}", root.display()), true);
     }
@@ -71,11 +43,7 @@ fn lock(root: &Path) -> std::result::Result<File, Refusal> {
 }
 
 /// Serves one sender until it says goodbye. An error is also sent to the sender.
-pub fn serve(
-    root: &Path,
-    input: impl Read,
-    output: impl Write,
-) -> std::result::Result<(), Refusal> {
+pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
     let _lock = lock(root);
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, output))?;
     let r = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
@@ -98,8 +66,8 @@ pub fn serve(
     let result = s.run();
     if let Err(e) = &result {
         let _ = s.w.msg(&Msg::Error {
-            message: e.message.clone(),
-            recoverable: e.recoverable,
+            message: e.to_string(),
+            recoverable: e.recoverable(),
         });
     }
     result
@@ -114,7 +82,7 @@ struct Session<'a, R: Read, W: Write> {
 }
 
 impl<R: Read, W: Write> Session<'_, R, W> {
-    fn run(&mut self) -> std::result::Result<(), Refusal> {
+    fn run(&mut self) -> Result<()> {
         let Msg::Hello {
             store_id,
             block_size,
@@ -156,21 +124,12 @@ impl<R: Read, W: Write> Session<'_, R, W> {
     }
 
     /// The replica this stream writes to, binding an uninitialised one on `init`.
-    fn bind(
-        &self,
-        store_id: &str,
-        bs: u64,
-        init: bool,
-        keep: &str,
-    ) -> std::result::Result<Replica, Refusal> {
+    fn bind(&self, store_id: &str, bs: u64, init: bool, keep: &str) -> Result<Replica> {
         if !bs.is_power_of_two() || !(4096..=16 << 20).contains(&bs) {
             return refuse(format!("block size {bs}"), false);
         }
         if init {
-            Policy::parse(keep).map_err(|e| Refusal {
-                message: e,
-                recoverable: false,
-            })?;
+            Policy::parse(keep).map_err(Error::operator)?;
         }
         let exists = crate::state::StateDir::new(self.root).exists();
         let r = if !exists && init {
@@ -201,31 +160,26 @@ impl<R: Read, W: Write> Session<'_, R, W> {
             let mut cfg = r.cfg.clone();
             cfg.keep = Some(keep.to_string());
             r.sd.write_config(&cfg)?;
-            return Ok(Replica::open(self.root)?);
+            return Replica::open(self.root);
         }
         Ok(r)
     }
 
-    fn replica(&self) -> std::result::Result<&Replica, Refusal> {
+    fn replica(&self) -> Result<&Replica> {
         match &self.replica {
             Some(r) => Ok(r),
             None => refuse("no replica", true),
         }
     }
 
-    fn incoming(&mut self) -> std::result::Result<&mut Incoming, Refusal> {
+    fn incoming(&mut self) -> Result<&mut Incoming> {
         match &mut self.inc {
             Some(i) => Ok(i),
             None => refuse("data before a cycle began", true),
         }
     }
 
-    fn begin(
-        &mut self,
-        generation: u64,
-        base: Option<u64>,
-        resync: bool,
-    ) -> std::result::Result<(), Refusal> {
+    fn begin(&mut self, generation: u64, base: Option<u64>, resync: bool) -> Result<()> {
         let r = self.replica()?;
         let latest = r.latest()?.map(|p| p.generation);
         if base != latest && !resync {
@@ -252,20 +206,11 @@ impl<R: Read, W: Write> Session<'_, R, W> {
 
     /// Answers a hash request: staged blocks first, then the latest file (or, before a
     /// first point, a file at the same path to seed from).
-    fn hashes(
-        &mut self,
-        id: FileId,
-        path: &RelPath,
-        first: u64,
-        count: u64,
-    ) -> std::result::Result<(), Refusal> {
+    fn hashes(&mut self, id: FileId, path: &RelPath, first: u64, count: u64) -> Result<()> {
         if count > MAX_HASH_BLOCKS || first.saturating_add(count) > MAX_FILE {
             return refuse("hash request too large", true);
         }
-        validate(path).map_err(|e| Refusal {
-            message: e,
-            recoverable: false,
-        })?;
+        validate(path).map_err(Error::operator)?;
         let bs = self.replica()?.cfg.block_size;
         let file = self.latest_file(id, path)?;
         let size = file
@@ -293,11 +238,7 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         Ok(())
     }
 
-    fn latest_file(
-        &self,
-        id: FileId,
-        path: &RelPath,
-    ) -> std::result::Result<Option<File>, Refusal> {
+    fn latest_file(&self, id: FileId, path: &RelPath) -> Result<Option<File>> {
         let r = self.replica()?;
         let at = match r.latest()? {
             Some(p) => r
@@ -311,13 +252,11 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         Ok(at.and_then(|p| r.tree.open_file(&p, libc::O_RDONLY, 0).ok()))
     }
 
-    fn commit(&mut self, manifest: Manifest) -> std::result::Result<(), Refusal> {
+    fn commit(&mut self, manifest: Manifest) -> Result<()> {
         let generation = self.incoming()?.generation;
         let bs = self.replica()?.cfg.block_size;
-        check_manifest(&manifest, generation, bs).map_err(|e| Refusal {
-            message: format!("refusing the cycle's manifest: {e}"),
-            recoverable: false,
-        })?;
+        check_manifest(&manifest, generation, bs)
+            .map_err(|e| Error::operator(format!("refusing the cycle's manifest: {e}")))?;
         let mut inc = match self.inc.take() {
             Some(i) => i,
             None => return refuse("commit without a cycle", true),

@@ -1,15 +1,16 @@
-//! Sending a cut's data: for each file, its frozen blocks (as the cut saw them, through the
-//! copy-on-write layer), or for a file under resync every block whose BLAKE3 differs from
-//! the replica's. Holes and zero blocks travel as zero blocks (no data); each block carries
-//! its BLAKE3 for the receiver to check.
+//! Sending a source's data: for each file, its changed blocks (as the cut saw them), or for
+//! a `whole` file every block whose BLAKE3 differs from the replica's. Holes and zero blocks
+//! travel as zero blocks (no data), runs of them as one frame; each block carries its
+//! BLAKE3 for the receiver to check.
 
 use std::io::{Read, Write};
 
-use indicatif::ProgressBar;
-
 use crate::error::{Error, Result};
-use crate::primary::track::cut::CutFile;
-use crate::sys::Holes;
+use crate::model::FileId;
+use std::sync::Arc;
+
+use crate::model::progress::Progress;
+use crate::ship::{Blocks, SourceFile, refused, wire_err};
 use crate::wire::{Block, BlockHash, Frame, Msg, Reader, Writer, zero_hash};
 
 /// How many blocks one hash request covers: its answer (33 bytes a block) must fit in a
@@ -24,16 +25,29 @@ pub struct Stats {
     pub same_blocks: u64,
 }
 
+/// The bytes a file will cost at most (for progress).
+pub fn planned(f: &dyn SourceFile, bs: u64) -> u64 {
+    if f.whole() {
+        return f.size();
+    }
+    let blocks = f.size().div_ceil(bs);
+    f.changed()
+        .iter()
+        .map(|&(a, b)| b.min(blocks).saturating_sub(a))
+        .sum::<u64>()
+        * bs
+}
+
 pub struct Shipper<'a, W: Write, R: Read> {
     pub w: &'a mut Writer<W>,
     pub r: &'a mut Reader<R>,
     pub bs: u64,
     pub stats: Stats,
-    pub progress: Option<ProgressBar>,
+    pub progress: Option<Arc<dyn Progress>>,
     zero: [u8; 32],
     buf: Vec<u8>,
     /// Whole zero blocks waiting to travel as one run: (file, first block, count).
-    run: Option<(crate::model::FileId, u64, u64)>,
+    run: Option<(FileId, u64, u64)>,
 }
 
 impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
@@ -41,7 +55,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         w: &'a mut Writer<W>,
         r: &'a mut Reader<R>,
         bs: u64,
-        progress: Option<ProgressBar>,
+        progress: Option<Arc<dyn Progress>>,
     ) -> Self {
         Shipper {
             w,
@@ -55,28 +69,9 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         }
     }
 
-    /// The bytes a file will cost at most (for the progress bar).
-    pub fn planned(f: &CutFile, bs: u64) -> u64 {
-        if f.resync {
-            return f.cow.cut_size;
-        }
-        let blocks = f.cow.blocks();
-        f.ft.frozen_ranges()
-            .iter()
-            .map(|&(a, b)| b.min(blocks).saturating_sub(a))
-            .sum::<u64>()
-            * bs
-    }
-
-    /// Reads block `b` as the cut saw it and sends it.
-    fn send(&mut self, f: &CutFile, b: u64, hole: bool) -> Result<()> {
-        let zero = f.cow.read(&f.ft.fd, b, &mut self.buf, hole)?;
-        self.send_buf(f, b, zero)
-    }
-
     /// Sends block `b` from the buffer the last read filled (a block is read once per
     /// cycle: the read marks it shipped, after which writes no longer preserve it).
-    fn send_buf(&mut self, f: &CutFile, b: u64, zero: bool) -> Result<()> {
+    fn send_buf(&mut self, f: &dyn SourceFile, b: u64, zero: bool) -> Result<()> {
         let len = self.buf.len();
         if zero && len == self.bs as usize {
             return self.zero_block(f, b);
@@ -88,7 +83,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             (false, _) => *blake3::hash(&self.buf).as_bytes(),
         };
         let block = Block {
-            id: f.id,
+            id: f.id(),
             offset: b * self.bs,
             len: len as u32,
             zero,
@@ -114,13 +109,13 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
     }
 
     /// Adds a whole zero block to the pending run (runs of holes travel as one frame).
-    fn zero_block(&mut self, f: &CutFile, b: u64) -> Result<()> {
+    fn zero_block(&mut self, f: &dyn SourceFile, b: u64) -> Result<()> {
         let max = u64::from(u32::MAX) / self.bs;
         match &mut self.run {
-            Some((id, first, n)) if *id == f.id && *first + *n == b && *n < max => *n += 1,
+            Some((id, first, n)) if *id == f.id() && *first + *n == b && *n < max => *n += 1,
             _ => {
                 self.flush_run()?;
-                self.run = Some((f.id, b, 1));
+                self.run = Some((f.id(), b, 1));
             }
         }
         self.stats.blocks += 1;
@@ -148,30 +143,40 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
 
     fn tick(&self, n: u64) {
         if let Some(p) = &self.progress {
-            p.inc(n);
+            p.add(n);
         }
     }
 
-    /// Ships the frozen blocks of a file.
-    pub fn dirty(&mut self, f: &CutFile) -> Result<()> {
-        let blocks = f.cow.blocks();
-        let mut holes = Holes::new(&f.ft.fd);
-        for (a, b) in f.ft.frozen_ranges() {
+    /// Ships a file: its changed blocks, or, for a `whole` one, every block that differs
+    /// from the replica's.
+    pub fn file(&mut self, f: &dyn SourceFile) -> Result<()> {
+        if f.whole() {
+            self.resync(f)
+        } else {
+            self.dirty(f)
+        }
+    }
+
+    /// Ships the changed blocks of a file.
+    fn dirty(&mut self, f: &dyn SourceFile) -> Result<()> {
+        let blocks = f.size().div_ceil(self.bs);
+        let mut rd = f.blocks();
+        for (a, b) in f.changed() {
             for blk in a..b.min(blocks) {
-                let hole = holes.hole(blk * self.bs, self.bs);
-                self.send(f, blk, hole)?;
+                let zero = rd.read(blk, &mut self.buf)?;
+                self.send_buf(f, blk, zero)?;
             }
         }
         self.flush_run()
     }
 
     /// Ships the blocks of a file that differ from the replica's, found by hash.
-    pub fn resync(&mut self, f: &CutFile) -> Result<()> {
-        let blocks = f.cow.blocks();
+    fn resync(&mut self, f: &dyn SourceFile) -> Result<()> {
+        let blocks = f.size().div_ceil(self.bs);
         let request = |w: &mut Writer<W>, first: u64| {
             w.msg(&Msg::HashRequest {
-                id: f.id,
-                path: f.path.clone(),
+                id: f.id(),
+                path: f.path().clone(),
                 first,
                 count: REGION.min(blocks - first),
             })
@@ -181,7 +186,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             return Ok(());
         }
         request(self.w, 0)?;
-        let mut holes = Holes::new(&f.ft.fd);
+        let mut rd = f.blocks();
         let mut first = 0;
         while first < blocks {
             let next = first + REGION;
@@ -191,8 +196,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             let theirs = self.read_hashes(f, first)?;
             for (i, their) in theirs.into_iter().enumerate() {
                 let b = first + i as u64;
-                let hole = holes.hole(b * self.bs, self.bs);
-                if self.compare(f, b, hole, their)? {
+                if self.compare(f, &mut *rd, b, their)? {
                     self.stats.same_blocks += 1;
                     self.tick(self.bs);
                 }
@@ -204,11 +208,17 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
 
     /// Compares block `b` with the replica's (`their` hash); sends it if it differs.
     /// Returns whether it was the same.
-    fn compare(&mut self, f: &CutFile, b: u64, hole: bool, their: BlockHash) -> Result<bool> {
-        if hole && !f.cow.preserved(b) && their == BlockHash::Zero {
+    fn compare(
+        &mut self,
+        f: &dyn SourceFile,
+        rd: &mut dyn Blocks,
+        b: u64,
+        their: BlockHash,
+    ) -> Result<bool> {
+        if their == BlockHash::Zero && rd.surely_zero(b) {
             return Ok(true);
         }
-        let zero = f.cow.read(&f.ft.fd, b, &mut self.buf, hole)?;
+        let zero = rd.read(b, &mut self.buf)?;
         let mine = if zero {
             BlockHash::Zero
         } else {
@@ -221,28 +231,16 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         Ok(false)
     }
 
-    fn read_hashes(&mut self, f: &CutFile, first: u64) -> Result<Vec<BlockHash>> {
+    fn read_hashes(&mut self, f: &dyn SourceFile, first: u64) -> Result<Vec<BlockHash>> {
         match self.r.read_frame().map_err(wire_err)? {
-            Frame::Hashes(h) if h.id == f.id && h.first == first => Ok(h.hashes),
+            Frame::Hashes(h) if h.id == f.id() && h.first == first => Ok(h.hashes),
             Frame::Msg(Msg::Error {
                 message,
                 recoverable,
             }) => Err(refused(message, recoverable)),
-            _ => Err(Error::Invalid(
+            _ => Err(Error::Link(
                 "the receiver answered a hash request with something else".into(),
             )),
         }
-    }
-}
-
-pub fn wire_err(e: crate::wire::WireError) -> Error {
-    Error::Invalid(format!("replica connection: {e}"))
-}
-
-/// A receiver's refusal.
-pub fn refused(message: String, recoverable: bool) -> Error {
-    Error::Refused {
-        message: format!("replica: {message}"),
-        recoverable,
     }
 }

@@ -3,6 +3,7 @@
 //! SEEK_DATA/SEEK_HOLE, copy_file_range, xattrs, and the boot id. Every wrapper returns
 //! `io::Result` and never panics on input from outside the process.
 
+pub mod aligned;
 pub mod fault;
 
 use std::ffi::{CStr, CString, OsStr};
@@ -336,4 +337,15 @@ impl<'a> Holes<'a> {
         }
         off + len <= self.data.0
     }
+}
+
+/// Punches a hole over `[off, off+len)` of `f`, keeping its size.
+pub fn punch_hole(f: &std::fs::File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    fallocate(
+        f.as_raw_fd(),
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
 }

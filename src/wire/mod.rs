@@ -43,6 +43,13 @@ pub enum WireError {
 
 pub type Result<T> = std::result::Result<T, WireError>;
 
+/// A stream that broke or made no sense: a retry can help (a new stream may be whole).
+impl From<WireError> for crate::error::Error {
+    fn from(e: WireError) -> Self {
+        crate::error::Error::Link(e.to_string())
+    }
+}
+
 fn corrupt(s: impl Into<String>) -> WireError {
     WireError::Corrupt(s.into())
 }

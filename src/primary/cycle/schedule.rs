@@ -15,35 +15,11 @@ use crate::primary::cycle::{self, CycleOpts, CycleState, Outcome};
 use crate::primary::track::Tracker;
 
 const BACKOFF_MIN: [u64; 6] = [1, 2, 4, 8, 10, 30];
-/// The interval that means "only when `drfs ship` runs".
-pub const MANUAL: &str = "manual";
-
-pub fn check_interval(s: &str) -> Result<(), String> {
-    if s == MANUAL {
-        Ok(())
-    } else {
-        parse_interval(s).map(drop)
-    }
-}
-
 /// The wait before retry number `failures` (1 = the first retry).
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
     let step = BACKOFF_MIN[(failures.max(1) as usize - 1).min(BACKOFF_MIN.len() - 1)];
     let scale = (interval.as_secs_f64() / 300.0).min(1.0);
     Duration::from_secs_f64(step as f64 * 60.0 * scale).max(Duration::from_secs(1))
-}
-
-/// An interval: a duration of 1 s or more, or `manual` (only `drfs ship`, e.g. from cron),
-/// which has no duration.
-pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    if s == MANUAL {
-        return Err("manual replication has no interval".into());
-    }
-    let d = humantime::parse_duration(s).map_err(|e| format!("bad interval {s:?}: {e}"))?;
-    if d < Duration::from_secs(1) {
-        return Err(format!("interval {s:?} is shorter than 1 s"));
-    }
-    Ok(d)
 }
 
 #[derive(Default)]
@@ -121,7 +97,7 @@ impl Scheduler {
     /// How long until the next cycle is due (None: not scheduled).
     fn due_in(&self) -> Option<Duration> {
         let rep = self.tracker.state().config().ok()?.replication?;
-        let interval = parse_interval(&rep.interval).ok()?;
+        let interval = rep.interval.every()?;
         let st = CycleState::load(self.tracker.state()).ok()?;
         if st.critical.is_some() {
             return None;
@@ -166,7 +142,7 @@ fn log_outcome(o: &Outcome) {
             o.duration_ms,
             o.pause_us
         );
-    } else if o.recoverable {
+    } else if o.class.is_transient() {
         tracing::warn!("cycle failed (will retry): {}", o.message);
     } else {
         tracing::error!("cycle failed, replication stopped: {}", o.message);
@@ -187,7 +163,5 @@ mod tests {
         assert_eq!(secs, vec![6, 12, 24, 48, 60, 180]);
         assert_eq!(backoff(1, Duration::from_secs(900)).as_secs(), 60);
         assert_eq!(backoff(1, Duration::from_secs(1)).as_secs(), 1);
-        assert!(parse_interval("0s").is_err() && parse_interval("500ms").is_err());
-        assert_eq!(parse_interval("5m"), Ok(five));
     }
 }

@@ -23,10 +23,11 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::error::Error;
+use crate::fuse::table::Table;
 use crate::model::FileId;
 use crate::model::relpath::RelPath;
 use crate::primary::passthrough::creds::AsCaller;
-use crate::primary::passthrough::handle::{DirEntry, DirHandle, Dirs, Handle, Table};
+use crate::primary::passthrough::handle::{DirEntry, DirHandle, Dirs, Handle};
 use crate::primary::passthrough::inode::{Inode, Inodes, ROOT};
 use crate::primary::track::changelog::Op;
 use crate::primary::track::{FileTrack, Guard, NsGuard, Tracker};
@@ -898,7 +899,7 @@ impl Filesystem for DrFs {
             }
         }
         let entries = d.entries.iter().map(|e| (e.ino, e.kind, &e.name));
-        crate::primary::passthrough::handle::reply_entries(reply, offset, entries);
+        crate::fuse::table::reply_entries(reply, offset, entries);
     }
 
     fn releasedir(

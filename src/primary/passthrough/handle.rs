@@ -1,25 +1,22 @@
-//! Open files and directories of the mount, and the data path's I/O helpers. A client that
-//! opens with O_DIRECT gets a backing descriptor opened with O_DIRECT too, so O_DIRECT
-//! bypasses the host page cache on both sides; FUSE hands us payloads at odd addresses, so
-//! direct I/O goes through a per-thread 4 KiB-aligned bounce buffer (`view` has a second
-//! one for its whole-block checks). Requests whose offset or length the store cannot do
-//! directly fall back to a buffered descriptor of the same file (the kernel keeps the two
-//! coherent).
+//! Open files and directories of the mount. A client that opens with O_DIRECT gets a
+//! backing descriptor opened with O_DIRECT too, so O_DIRECT bypasses the host page cache on
+//! both sides; FUSE hands us payloads at odd addresses, so direct I/O goes through a
+//! per-thread 4 KiB-aligned bounce buffer (`sys::aligned`). Requests whose offset or length
+//! the store cannot do directly fall back to a buffered descriptor of the same file (the
+//! kernel keeps the two coherent).
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
+use crate::fuse::table::Table;
 use crate::primary::passthrough::inode::Inode;
 use crate::primary::track::FileTrack;
+use crate::sys::aligned::with_aligned;
 use crate::sys::read_full;
 
 pub struct Handle {
@@ -72,68 +69,6 @@ impl Handle {
     }
 }
 
-/// A growable, page-aligned buffer.
-struct Aligned {
-    ptr: *mut u8,
-    cap: usize,
-}
-
-const ALIGN: usize = 4096;
-
-impl Aligned {
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        if len > self.cap {
-            self.release();
-            let cap = len.next_multiple_of(ALIGN).max(ALIGN);
-            let Ok(layout) = Layout::from_size_align(cap, ALIGN) else {
-                return &mut [];
-            };
-            let ptr = unsafe { alloc_zeroed(layout) };
-            if ptr.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            self.ptr = ptr;
-            self.cap = cap;
-        }
-        if len == 0 {
-            return &mut [];
-        }
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
-    }
-
-    fn release(&mut self) {
-        if !self.ptr.is_null() {
-            if let Ok(layout) = Layout::from_size_align(self.cap, ALIGN) {
-                unsafe { dealloc(self.ptr, layout) };
-            }
-            self.ptr = std::ptr::null_mut();
-            self.cap = 0;
-        }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-thread_local! {
-    static BOUNCE: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
-    static SCRATCH: RefCell<Aligned> = const { RefCell::new(Aligned { ptr: std::ptr::null_mut(), cap: 0 }) };
-}
-
-/// Runs `f` on this thread's page-aligned buffer of `len` bytes (contents undefined).
-pub fn with_aligned<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    BOUNCE.with(|b| f(b.borrow_mut().get(len)))
-}
-
-/// A second such buffer, for work done while the first holds a reply (`view` reads a
-/// whole block into it to check its BLAKE3 when a read covers only part of the block).
-pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    SCRATCH.with(|b| f(b.borrow_mut().get(len)))
-}
-
 /// A directory being listed: its entries, read at open and again on rewind.
 pub struct DirHandle {
     pub inode: Arc<Inode>,
@@ -144,52 +79,6 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: fuser::FileType,
     pub name: OsString,
-}
-
-/// Fills a READDIR reply from a whole listing (`.` and `..` first), starting at entry
-/// `offset`; each entry's offset is its position plus one.
-pub fn reply_entries<N: AsRef<std::ffi::OsStr>>(
-    mut reply: fuser::ReplyDirectory,
-    offset: u64,
-    entries: impl IntoIterator<Item = (u64, fuser::FileType, N)>,
-) {
-    for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-        if reply.add(fuser::INodeNo(ino), i as u64 + 1, kind, name) {
-            break;
-        }
-    }
-    reply.ok();
-}
-
-/// A table from the u64 handles the kernel holds to our open objects.
-pub struct Table<T> {
-    map: RwLock<HashMap<u64, Arc<T>>>,
-    next: AtomicU64,
-}
-
-impl<T> Default for Table<T> {
-    fn default() -> Self {
-        Table {
-            map: RwLock::new(HashMap::new()),
-            next: AtomicU64::new(1),
-        }
-    }
-}
-
-impl<T> Table<T> {
-    pub fn insert(&self, v: T) -> u64 {
-        let fh = self.next.fetch_add(1, Ordering::Relaxed);
-        self.map.write().insert(fh, Arc::new(v));
-        fh
-    }
-
-    pub fn get(&self, fh: u64) -> Option<Arc<T>> {
-        self.map.read().get(&fh).cloned()
-    }
-
-    pub fn remove(&self, fh: u64) -> Option<Arc<T>> {
-        self.map.write().remove(&fh)
-    }
 }
 
 pub type Dirs = Table<Mutex<DirHandle>>;

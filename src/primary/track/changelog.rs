@@ -232,7 +232,7 @@ impl ChangeLog {
             time: crate::model::fmt::rfc3339_ns(crate::sys::now_ns()),
             op,
         };
-        let body = serde_json::to_vec(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec(&rec).map_err(Error::encode)?;
         let mut frame = Vec::with_capacity(body.len() + 8);
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());

@@ -67,6 +67,10 @@ impl Cow {
         }
     }
 
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
     pub fn blocks(&self) -> u64 {
         self.blocks
     }

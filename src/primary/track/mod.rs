@@ -17,6 +17,7 @@ pub mod cut;
 pub mod file;
 pub mod reconcile;
 pub mod recovery;
+pub mod run;
 pub mod stamps;
 pub mod table;
 
@@ -31,13 +32,14 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{At, Error, Result};
 use crate::model::{FileId, RelPath};
-use crate::state::{Config, LastStop, RunStart, StateDir};
+use crate::state::{Config, StateDir};
 use activity::ActivityLog;
 use bitmap::Bitmap;
 use changelog::{ChangeLog, Op, Record};
 use cow::Cow;
 pub use file::FileTrack;
 use file::{Mark, WHOLE_FILE};
+use run::{LastStop, RunStart};
 use stamps::Stamps;
 use table::Table;
 
@@ -93,7 +95,7 @@ impl Tracker {
     /// its lock: judges how the previous run ended, opens the tracking, and records the
     /// new run once the store is reconciled.
     pub fn start(state: StateDir, cfg: Config, mountpoint: &Path) -> Result<Tracker> {
-        let last = state.last_stop()?;
+        let last = run::last_stop(&state)?;
         let run = RunStart::now();
         tracing::info!(
             "tracking {} for {} (previous stop: {})",
@@ -102,7 +104,7 @@ impl Tracker {
             describe(last)
         );
         let t = Tracker::open(state, cfg, mountpoint, last, run)?;
-        t.state.begin_run(mountpoint, &run)?;
+        run::begin(&t.state, mountpoint, &run)?;
         Ok(t)
     }
 
@@ -518,7 +520,7 @@ impl Tracker {
         self.checkpoint()?;
         self.record(Op::Unmount)?;
         self.save_table()?;
-        self.state.mark_clean()
+        run::mark_clean(&self.state)
     }
 }
 

@@ -18,9 +18,10 @@ use crate::model::FileId;
 use crate::model::fmt::rfc3339_ns;
 use crate::model::relpath::RelPath;
 use crate::primary::track::changelog::Op;
+use crate::primary::track::run::LastStop;
 use crate::primary::track::stamps::{Found, Stamp};
 use crate::primary::track::table::Table;
-use crate::state::{LastStop, STATE_DIR};
+use crate::state::STATE_DIR;
 use crate::sys;
 
 /// How to tell whether a known file changed while drfs did not watch it.

@@ -108,7 +108,7 @@ impl Recovery {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let body = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(self).map_err(Error::encode)?;
         crate::sys::write_atomic(path, &body).at(path)
     }
 

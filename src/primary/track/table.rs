@@ -79,7 +79,7 @@ impl Table {
             files,
         };
         let p = state.join("files.json");
-        let body = serde_json::to_vec_pretty(&s).map_err(|e| Error::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&s).map_err(Error::encode)?;
         sys::write_atomic(&p, &body).at(&p)
     }
 

@@ -31,8 +31,9 @@ use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind, Manifest};
 use crate::replica::posix::Replica;
 use crate::replica::posix::incoming::Incoming;
-use crate::replica::posix::undo::{UndoIndex, UndoWriter, punch_hole};
+use crate::replica::posix::undo::{UndoIndex, UndoWriter};
 use crate::sys;
+use crate::sys::punch_hole;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -138,7 +139,7 @@ fn hold_name(id: FileId) -> CString {
 pub fn commit(r: &Replica, inc: &mut Incoming, manifest: Manifest) -> Result<PointInfo> {
     inc.seal()?;
     let mp = inc.dir.join("manifest.json");
-    let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec(&manifest).map_err(Error::encode)?;
     sys::write_atomic(&mp, &body).at(&mp)?;
     let from = r.latest()?;
     let plan = Plan::new(
@@ -167,7 +168,7 @@ pub fn commit(r: &Replica, inc: &mut Incoming, manifest: Manifest) -> Result<Poi
 
 fn write_journal(r: &Replica, j: &Journal) -> Result<()> {
     let p = r.sd.path("journal.json");
-    let b = serde_json::to_vec(j).map_err(|e| Error::Invalid(e.to_string()))?;
+    let b = serde_json::to_vec(j).map_err(Error::encode)?;
     sys::write_atomic(&p, &b).at(&p)
 }
 
@@ -358,7 +359,7 @@ fn adopted(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<BTreeSet<FileId>>
         })
         .map(|(id, _)| *id)
         .collect();
-    let body = serde_json::to_vec(&ids).map_err(|e| Error::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec(&ids).map_err(Error::encode)?;
     sys::write_atomic(&p, &body).at(&p)?;
     Ok(ids)
 }
@@ -630,7 +631,7 @@ fn publish(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<PointInfo> {
     let dir = r.point_dir(&id);
     fs::create_dir_all(&dir).at(&dir)?;
     let mp = dir.join("manifest.json");
-    let body = serde_json::to_vec(m).map_err(|e| Error::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec(m).map_err(Error::encode)?;
     sys::write_atomic(&mp, &body).at(&mp)?;
     let info = PointInfo {
         id: id.clone(),
@@ -643,7 +644,7 @@ fn publish(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<PointInfo> {
         cut_id: m.cut_id.clone(),
     };
     let ip = dir.join("point.json");
-    let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;
     sys::write_atomic(&ip, &body).at(&ip)?;
     r.set_latest(&id)?;
     Ok(info)

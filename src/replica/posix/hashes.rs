@@ -12,7 +12,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{At, Result};
-use crate::replica::posix::undo::punch_hole;
 use crate::sys::read_full;
 
 pub const ENTRY: u64 = 32;
@@ -63,7 +62,7 @@ impl Hashes {
         let len = self.f.metadata().at(&self.p)?.len();
         let (x, y) = (a * ENTRY, (b * ENTRY).min(len));
         if x < y {
-            punch_hole(&self.f, x, y - x).at(&self.p)?;
+            crate::sys::punch_hole(&self.f, x, y - x).at(&self.p)?;
         }
         Ok(())
     }

@@ -97,7 +97,7 @@ impl Incoming {
             fs::remove_dir_all(dir).at(dir)?;
         }
         fs::create_dir_all(dir).at(dir)?;
-        let body = serde_json::to_vec(&cf).map_err(|e| Error::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec(&cf).map_err(Error::encode)?;
         sys::write_atomic(&p, &body).at(&p)?;
         let mut inc = Incoming::empty(dir, generation, bs);
         if resume {
@@ -261,8 +261,7 @@ impl Incoming {
             } else if data.metadata().at(&data_path)?.len() > b.offset {
                 // Zeros over bytes an earlier attempt staged: the staged file must stay
                 // exactly what is staged (a new file is moved into place as it is).
-                crate::replica::posix::undo::punch_hole(data, b.offset, u64::from(b.len))
-                    .at(&data_path)?;
+                crate::sys::punch_hole(data, b.offset, u64::from(b.len)).at(&data_path)?;
             }
             idx.write_all(&record).at(&idx_path)?;
         }

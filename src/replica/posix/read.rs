@@ -39,10 +39,10 @@ use crate::model::FileId;
 use crate::model::PointInfo;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind, Manifest};
-use crate::primary::passthrough::handle::with_scratch;
 use crate::replica::posix::Replica;
 use crate::replica::posix::hashes::{ENTRY, Hashes, ZERO, of};
 use crate::replica::posix::undo::{UndoFile, UndoIndex, data_path, hash_path};
+use crate::sys::aligned::with_scratch;
 use crate::sys::{self, read_full};
 
 /// Indexes of a point's entries by their parent directory.

@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -87,7 +86,7 @@ impl UndoIndex {
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         let p = dir.join("index.json");
-        let b = serde_json::to_vec(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        let b = serde_json::to_vec(self).map_err(Error::encode)?;
         sys::write_atomic(&p, &b).at(&p)
     }
 }
@@ -271,15 +270,6 @@ pub fn block_source(undos: &[(PathBuf, UndoIndex)], id: FileId, b: u64) -> Optio
         .iter()
         .find(|(_, i)| i.files.get(&id).is_some_and(|f| f.has(b)))
         .map(|(dir, _)| data_path(dir, id))
-}
-
-pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
-    sys::fallocate(
-        f.as_raw_fd(),
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        off,
-        len,
-    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,135 @@
+//! The protocol around a cycle's data, the same for every source: `hello` (who ships, and
+//! what the replica holds: its id, whose replica it is, its latest point), `send` (begin a
+//! cycle on a base generation, the source's blocks, commit the manifest, the point it
+//! became), `bind` (protect: make an empty directory this store's replica), `bye`. The
+//! receiver's refusals come back as errors of their class.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::model::progress::Progress;
+use crate::model::{Manifest, PointRef, Target};
+use crate::ship::sender::{Shipper, Stats, planned};
+use crate::ship::{Source, refused, wire_err};
+use crate::transport::{self, Link};
+use crate::wire::Msg;
+
+/// Who ships.
+pub struct Hello<'a> {
+    pub store_id: &'a str,
+    pub block_size: u64,
+    /// The retention policy the replica is to apply.
+    pub keep: &'a str,
+}
+
+/// What the replica says it is.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    pub replica_id: String,
+    /// The store it replicates.
+    pub source: Option<String>,
+    pub latest: Option<PointRef>,
+}
+
+/// A cycle: the generation it makes, the one it builds on.
+pub struct Cycle<'a> {
+    pub generation: u64,
+    pub base: Option<u64>,
+    pub cut_id: &'a str,
+    /// Accept whatever the replica's latest is as the base (every file is `whole`).
+    pub resync: bool,
+}
+
+fn unexpected(what: &str, m: &Msg) -> Error {
+    Error::Link(format!("unexpected answer {what}: {m:?}"))
+}
+
+/// Greets the receiver (`init`: binding a new replica) and returns what it holds.
+pub fn hello(link: &mut Link, h: &Hello<'_>, init: bool) -> Result<Welcome> {
+    link.w
+        .msg(&Msg::Hello {
+            store_id: h.store_id.to_string(),
+            block_size: h.block_size,
+            init,
+            keep: h.keep.to_string(),
+        })
+        .map_err(wire_err)?;
+    match link.r.msg().map_err(wire_err)? {
+        Msg::Welcome {
+            replica_id,
+            source,
+            latest,
+        } => Ok(Welcome {
+            replica_id,
+            source,
+            latest,
+        }),
+        Msg::Error {
+            message,
+            recoverable,
+        } => Err(refused(message, recoverable)),
+        m => Err(unexpected("from the replica", &m)),
+    }
+}
+
+/// Says goodbye and waits for the receiver to end.
+pub fn bye(mut link: Link) {
+    let _ = link.w.msg(&Msg::Bye);
+    link.finish();
+}
+
+/// Ships one cycle of `source` and commits it as a point described by `manifest`.
+pub fn send(
+    link: &mut Link,
+    c: &Cycle<'_>,
+    source: &dyn Source,
+    manifest: Manifest,
+    progress: Option<Arc<dyn Progress>>,
+) -> Result<(PointRef, Stats)> {
+    let bs = manifest.block_size;
+    link.w
+        .msg(&Msg::Begin {
+            generation: c.generation,
+            base: c.base,
+            cut_id: c.cut_id.to_string(),
+            resync: c.resync,
+        })
+        .map_err(wire_err)?;
+    let files = source.files();
+    if let Some(p) = &progress {
+        p.total(files.iter().map(|f| planned(*f, bs)).sum());
+    }
+    let mut sh = Shipper::new(&mut link.w, &mut link.r, bs, progress.clone());
+    for f in files {
+        sh.file(f)?;
+    }
+    let stats = sh.stats;
+    if let Some(p) = &progress {
+        p.done();
+    }
+    link.w
+        .msg(&Msg::Commit {
+            manifest: Box::new(manifest),
+        })
+        .map_err(wire_err)?;
+    match link.r.msg().map_err(wire_err)? {
+        Msg::Done { point, .. } => Ok((point, stats)),
+        Msg::Error {
+            message,
+            recoverable,
+        } => Err(refused(message, recoverable)),
+        m => Err(unexpected("to the commit", &m)),
+    }
+}
+
+/// Binds the replica at `target` to the store `h` names (`drfs protect`); the replica's id.
+pub fn bind(target: &Target, h: &Hello<'_>) -> Result<String> {
+    let mut link = transport::connect(target)?;
+    match hello(&mut link, h, true) {
+        Ok(w) => {
+            bye(link);
+            Ok(w.replica_id)
+        }
+        Err(e) => Err(link.fail(e)),
+    }
+}
