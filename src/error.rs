@@ -52,6 +52,9 @@ pub enum Error {
     /// that died, a garbled frame).
     #[error("{0}")]
     Link(String),
+    /// The other side stopped reading our stream (it hung up, maybe after saying why).
+    #[error("{0}")]
+    Hangup(String),
     /// The other side, or a rule of drfs, refused, saying whether to retry.
     #[error("{message}")]
     Refused { message: String, class: Class },
@@ -91,7 +94,7 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Io { source, .. } => io_class(source),
-            Error::Busy(_) | Error::Link(_) => Class::Transient,
+            Error::Busy(_) | Error::Link(_) | Error::Hangup(_) => Class::Transient,
             Error::Invalid(_) | Error::Corrupt { .. } => Class::Operator,
             Error::Refused { class, .. } => *class,
         }

@@ -345,7 +345,7 @@ fn restore(
         None => None,
     };
     let done = crate::points::restore::restore(
-        &r,
+        std::sync::Arc::new(r),
         &crate::points::restore::RestoreOpts {
             point,
             path: rel.as_ref(),

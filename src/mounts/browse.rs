@@ -31,8 +31,9 @@ use crate::fuse::table::Table;
 use crate::model::PointInfo;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind};
+use crate::points::view::PointView;
 use crate::replica::posix::Replica;
-use crate::replica::posix::read::{PointFile, PointView};
+use crate::replica::{PointRead, PointStore};
 
 /// How long the kernel may cache names and attributes: a point never changes, but which
 /// points exist (and so `latest`, `by-time`) changes with every apply and retention run.
@@ -68,10 +69,10 @@ struct Nodes {
 }
 
 pub struct Browse {
-    replica: Replica,
+    store: Arc<dyn PointStore>,
     nodes: Mutex<Nodes>,
     views: Mutex<HashMap<String, Arc<PointView>>>,
-    files: Table<PointFile>,
+    files: Table<Box<dyn PointRead>>,
     mounted_at: SystemTime,
 }
 
@@ -104,7 +105,7 @@ fn day_and_name(p: &PointInfo) -> (String, String) {
 }
 
 impl Browse {
-    pub fn new(replica: Replica) -> Browse {
+    pub fn new(store: Arc<dyn PointStore>) -> Browse {
         let mut nodes = Nodes::default();
         for (n, id) in [
             (Node::Root, ROOT),
@@ -116,7 +117,7 @@ impl Browse {
             nodes.by_id.insert(id, n);
         }
         Browse {
-            replica,
+            store,
             nodes: Mutex::new(nodes),
             views: Mutex::new(HashMap::new()),
             files: Table::default(),
@@ -145,14 +146,14 @@ impl Browse {
     }
 
     fn points(&self) -> Vec<PointInfo> {
-        self.replica.points().unwrap_or_default()
+        self.store.points().unwrap_or_default()
     }
 
     fn view(&self, id: &str) -> Result<Arc<PointView>, Errno> {
         if let Some(v) = self.views.lock().get(id) {
             return Ok(v.clone());
         }
-        let v = Arc::new(PointView::open(&self.replica, id).map_err(|_| Errno::ENOENT)?);
+        let v = Arc::new(PointView::open(self.store.clone(), id).map_err(|_| Errno::ENOENT)?);
         let mut views = self.views.lock();
         if views.len() >= VIEWS {
             views.clear();
@@ -211,7 +212,7 @@ impl Browse {
     }
 
     fn newest(&self) -> Option<PointInfo> {
-        self.replica.latest().ok().flatten()
+        self.store.latest().ok().flatten()
     }
 
     fn attr(&self, ino: u64, n: &Node) -> Result<FileAttr, Errno> {
@@ -560,7 +561,7 @@ impl Filesystem for Browse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let p = crate::sys::cpath(&self.replica.root).unwrap_or_default();
+        let p = crate::sys::cpath(self.store.location()).unwrap_or_default();
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
             return reply.error(Errno::EIO);
@@ -603,7 +604,7 @@ pub fn serve(
         allow_other,
         threads: DEFAULT_THREADS,
     };
-    let served = start.mount(Browse::new(r), mnt, replica, &opts)?;
+    let served = start.mount(Browse::new(Arc::new(r)), mnt, replica, &opts)?;
     served.serve(&format!(
         "browsing {} at {}",
         replica.display(),

@@ -28,7 +28,8 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::fuse::serve::{DEFAULT_THREADS, Options, Starting};
 use crate::model::Kind;
-use crate::replica::posix::read::{PointFile, PointView};
+use crate::points::view::PointView;
+use crate::replica::PointRead;
 
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
@@ -38,7 +39,7 @@ const OB: u64 = 4096;
 /// A file's content: what is left of the point's, and what was written since.
 struct Content {
     /// The point's file, if the clone started from one.
-    base: Option<Arc<PointFile>>,
+    base: Option<Arc<dyn PointRead>>,
     /// Bytes of the point's content still valid (a truncate below it cuts it off).
     base_len: u64,
     /// Overlay blocks written in the clone.
@@ -251,7 +252,7 @@ impl Clone {
                 None => {
                     let content = if e.kind == Kind::File {
                         Some(Mutex::new(Content {
-                            base: Some(Arc::new(view.file(e)?)),
+                            base: Some(Arc::from(view.file(e)?)),
                             base_len: e.size,
                             written: Vec::new(),
                             overlay: None,
@@ -809,11 +810,11 @@ pub fn serve(
 ) -> crate::error::Result<()> {
     use crate::error::{At, Error};
     let mut start = Starting::new(ready);
-    let r = start.check(crate::replica::posix::Replica::open_only(replica))?;
+    let r = Arc::new(start.check(crate::replica::posix::Replica::open_only(replica))?);
     start.log_to(&log_path(&r));
     let prepared = (|| {
         let lock = lock(&r)?;
-        let view = PointView::open(&r, point)?;
+        let view = PointView::open(r.clone(), point)?;
         let dir = overlay_dir(&r);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).at(&dir)?;

@@ -30,7 +30,7 @@ pub fn start(
         return Ok(at);
     }
     // Check everything before making anything.
-    crate::replica::posix::read::PointView::open(&r, point)?;
+    crate::points::view::PointView::open(std::sync::Arc::new(Replica::open_only(&r.root)?), point)?;
     // Before anything is created there (`outside` checks again once it exists).
     not_inside(&r, &daemon::resolved(at)?, "--at")?;
     if let Some(s) = tf::running(&r) {

@@ -11,8 +11,8 @@ use crate::error::{At, Error, Result};
 use crate::model::progress::Progress;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind};
-use crate::replica::posix::Replica;
-use crate::replica::posix::read::PointView;
+use crate::points::view::PointView;
+use crate::replica::PointStore;
 
 pub struct RestoreOpts<'a> {
     pub point: &'a str,
@@ -42,14 +42,14 @@ fn target(dest: &Path, e: &Entry, base: Option<&RelPath>) -> PathBuf {
     }
 }
 
-pub fn restore(r: &Replica, o: &RestoreOpts<'_>) -> Result<Restored> {
-    let view = PointView::open(r, o.point)?;
+pub fn restore(store: Arc<dyn PointStore>, o: &RestoreOpts<'_>) -> Result<Restored> {
+    let view = PointView::open(store, o.point)?;
     let dest = crate::fuse::daemon::resolved(o.to)?;
-    if dest.starts_with(&r.root) {
+    if dest.starts_with(view.replica()) {
         return Err(Error::Invalid(format!(
             "{} is inside the replica {}: restore somewhere else",
             dest.display(),
-            r.root.display()
+            view.replica().display()
         )));
     }
     let entries: Vec<&Entry> = view

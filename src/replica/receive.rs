@@ -1,8 +1,9 @@
-//! `drfs receive REPLICA`: the receiving end of the stream protocol, over stdin/stdout. It
-//! binds an empty directory to a store (on `drfs protect`), refuses a cycle whose base is
-//! not its latest point (a diverged copy), answers hash requests for resyncs, stages and
-//! verifies blocks, and applies a committed cycle atomically. Every byte is hostile: paths,
-//! sizes and counts are checked before they touch the disk.
+//! `drfs receive REPLICA`: the receiving end of the stream protocol, over stdin/stdout,
+//! for any `ReplicaStore`. It binds the replica to a store (an empty directory on `drfs
+//! protect`), refuses a cycle whose base is not its latest point (a diverged copy),
+//! answers hash requests for resyncs, stages and verifies blocks, and commits a cycle as
+//! a point. Every byte is hostile: paths, sizes and counts are checked before they reach
+//! the store. Refusals go back to the sender with their class (retry or not).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -11,15 +12,12 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{At, Class, Error, Result};
-use crate::model::FileId;
-use crate::model::relpath::RelPath;
-use crate::model::retention::Policy;
-use crate::model::{Kind, Manifest};
-use crate::replica::posix::incoming::{Incoming, MAX_FILE};
+use crate::model::{FileId, Kind, Manifest, RelPath};
+use crate::replica::ReplicaStore;
+use crate::replica::posix::incoming::MAX_FILE;
+use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
-use crate::replica::posix::{Replica, apply};
-use crate::sys;
-use crate::wire::{BlockHash, Frame, Hashes, Msg, Reader, Writer};
+use crate::wire::{Frame, Hashes, Msg, Reader, Writer};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;
@@ -42,9 +40,28 @@ fn lock(root: &Path) -> Result<File> {
     Ok(dir)
 }
 
-/// Serves one sender until it says goodbye. An error is also sent to the sender.
+/// Serves one sender for the POSIX replica at `root` until it says goodbye. An error is
+/// also sent to the sender.
 pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
     let _lock = lock(root);
+    serve_store(
+        |store_id, bs, init, keep| Receiving::bind(root, store_id, bs, init, keep),
+        input,
+        output,
+    )
+}
+
+/// What binds a stream to its store: the store id, block size, `init` (protect) and
+/// retention policy of the sender's hello.
+pub trait Bind<S>: FnOnce(&str, u64, bool, &str) -> Result<S> {}
+impl<S, F: FnOnce(&str, u64, bool, &str) -> Result<S>> Bind<S> for F {}
+
+/// Serves one sender for the store `bind` opens, until it says goodbye.
+pub fn serve_store<S: ReplicaStore>(
+    bind: impl Bind<S>,
+    input: impl Read,
+    output: impl Write,
+) -> Result<()> {
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, output))?;
     let r = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
         Ok(r) => r,
@@ -57,13 +74,11 @@ pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
         }
     };
     let mut s = Session {
-        root,
         w,
         r,
-        replica: None,
-        inc: None,
+        generation: None,
     };
-    let result = s.run();
+    let result = s.run(bind);
     if let Err(e) = &result {
         let _ = s.w.msg(&Msg::Error {
             message: e.to_string(),
@@ -73,16 +88,15 @@ pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
     result
 }
 
-struct Session<'a, R: Read, W: Write> {
-    root: &'a Path,
+struct Session<R: Read, W: Write> {
     w: Writer<W>,
     r: Reader<R>,
-    replica: Option<Replica>,
-    inc: Option<Incoming>,
+    /// The cycle being received, once begun.
+    generation: Option<u64>,
 }
 
-impl<R: Read, W: Write> Session<'_, R, W> {
-    fn run(&mut self) -> Result<()> {
+impl<R: Read, W: Write> Session<R, W> {
+    fn run<S: ReplicaStore>(&mut self, bind: impl Bind<S>) -> Result<()> {
         let Msg::Hello {
             store_id,
             block_size,
@@ -92,14 +106,17 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         else {
             return refuse("the stream did not start with a hello", true);
         };
-        let replica = self.bind(&store_id, block_size, init, &keep)?;
-        let latest = replica.latest()?;
+        if !block_size.is_power_of_two() || !(4096..=16 << 20).contains(&block_size) {
+            return refuse(format!("block size {block_size}"), false);
+        }
+        let mut store = bind(&store_id, block_size, init, &keep)?;
+        check_binding(&store, &store_id, block_size)?;
+        let latest = store.latest()?;
         self.w.msg(&Msg::Welcome {
-            replica_id: replica.cfg.store_id.clone(),
-            source: replica.cfg.source.clone(),
+            replica_id: store.id().to_string(),
+            source: store.source().map(str::to_string),
             latest: latest.map(|p| p.to_ref()),
         })?;
-        self.replica = Some(replica);
         loop {
             match self.r.read_frame()? {
                 Frame::Msg(Msg::Bye) => return Ok(()),
@@ -108,80 +125,37 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                     base,
                     resync,
                     ..
-                }) => self.begin(generation, base, resync)?,
-                Frame::Block(b) => self.incoming()?.put(&b)?,
+                }) => self.begin(&mut store, generation, base, resync)?,
+                Frame::Block(b) => {
+                    self.begun()?;
+                    store.stage(&b)?
+                }
                 Frame::Msg(Msg::HashRequest {
                     id,
                     path,
                     first,
                     count,
-                }) => self.hashes(id, &path, first, count)?,
-                Frame::Msg(Msg::Commit { manifest }) => self.commit(*manifest)?,
+                }) => self.hashes(&mut store, id, &path, first, count)?,
+                Frame::Msg(Msg::Commit { manifest }) => self.commit(&mut store, *manifest)?,
                 Frame::Msg(m) => return refuse(format!("unexpected message {m:?}"), true),
                 Frame::Hashes(_) => return refuse("unexpected hashes from the sender", true),
             }
         }
     }
 
-    /// The replica this stream writes to, binding an uninitialised one on `init`.
-    fn bind(&self, store_id: &str, bs: u64, init: bool, keep: &str) -> Result<Replica> {
-        if !bs.is_power_of_two() || !(4096..=16 << 20).contains(&bs) {
-            return refuse(format!("block size {bs}"), false);
-        }
-        if init {
-            Policy::parse(keep).map_err(Error::operator)?;
-        }
-        let exists = crate::state::StateDir::new(self.root).exists();
-        let r = if !exists && init {
-            Replica::init(self.root, store_id, bs, keep)?
-        } else {
-            Replica::open(self.root)?
-        };
-        if r.cfg.source.as_deref() != Some(store_id) {
-            return refuse(
-                format!(
-                    "{} is the replica of another store ({}), not of {store_id}",
-                    r.root.display(),
-                    r.cfg.source.as_deref().unwrap_or("?")
-                ),
-                false,
-            );
-        }
-        if r.cfg.block_size != bs {
-            return refuse(
-                format!(
-                    "replica block size {} is not the store's {bs}",
-                    r.cfg.block_size
-                ),
-                false,
-            );
-        }
-        if init && r.cfg.keep.as_deref() != Some(keep) {
-            let mut cfg = r.cfg.clone();
-            cfg.keep = Some(keep.to_string());
-            r.sd.write_config(&cfg)?;
-            return Replica::open(self.root);
-        }
-        Ok(r)
+    fn begun(&self) -> Result<u64> {
+        self.generation
+            .ok_or_else(|| Error::transient("data before a cycle began"))
     }
 
-    fn replica(&self) -> Result<&Replica> {
-        match &self.replica {
-            Some(r) => Ok(r),
-            None => refuse("no replica", true),
-        }
-    }
-
-    fn incoming(&mut self) -> Result<&mut Incoming> {
-        match &mut self.inc {
-            Some(i) => Ok(i),
-            None => refuse("data before a cycle began", true),
-        }
-    }
-
-    fn begin(&mut self, generation: u64, base: Option<u64>, resync: bool) -> Result<()> {
-        let r = self.replica()?;
-        let latest = r.latest()?.map(|p| p.generation);
+    fn begin<S: ReplicaStore>(
+        &mut self,
+        store: &mut S,
+        generation: u64,
+        base: Option<u64>,
+        resync: bool,
+    ) -> Result<()> {
+        let latest = store.latest()?.map(|p| p.generation);
         if base != latest && !resync {
             return refuse(
                 format!(
@@ -198,74 +172,37 @@ impl<R: Read, W: Write> Session<'_, R, W> {
                 false,
             );
         }
-        let dir = r.sd.path("incoming");
-        let inc = Incoming::begin(&dir, generation, latest, r.cfg.block_size)?;
-        self.inc = Some(inc);
+        store.begin(generation, latest)?;
+        self.generation = Some(generation);
         Ok(())
     }
 
     /// Answers a hash request: staged blocks first, then the latest file (or, before a
     /// first point, a file at the same path to seed from).
-    fn hashes(&mut self, id: FileId, path: &RelPath, first: u64, count: u64) -> Result<()> {
+    fn hashes<S: ReplicaStore>(
+        &mut self,
+        store: &mut S,
+        id: FileId,
+        path: &RelPath,
+        first: u64,
+        count: u64,
+    ) -> Result<()> {
         if count > MAX_HASH_BLOCKS || first.saturating_add(count) > MAX_FILE {
             return refuse("hash request too large", true);
         }
         validate(path).map_err(Error::operator)?;
-        let bs = self.replica()?.cfg.block_size;
-        let file = self.latest_file(id, path)?;
-        let size = file
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map_or(0, |m| m.len());
-        let mut holes = file.as_ref().map(sys::Holes::new);
-        let mut out = Vec::with_capacity(count as usize);
-        let mut buf = vec![0u8; bs as usize];
-        for b in first..first + count {
-            if let Some(h) = self.incoming()?.rehash(id, b)? {
-                out.push(h);
-                continue;
-            }
-            out.push(match (&file, &mut holes) {
-                (Some(f), Some(h)) => hash_block(f, h, size, b, bs, &mut buf)?,
-                _ => BlockHash::Absent,
-            });
-        }
-        self.w.hashes(&Hashes {
-            id,
-            first,
-            hashes: out,
-        })?;
+        self.begun()?;
+        let hashes = store.hashes(id, path, first, count)?;
+        self.w.hashes(&Hashes { id, first, hashes })?;
         Ok(())
     }
 
-    fn latest_file(&self, id: FileId, path: &RelPath) -> Result<Option<File>> {
-        let r = self.replica()?;
-        let at = match r.latest()? {
-            Some(p) => r
-                .manifest(&p.id)?
-                .entries
-                .into_iter()
-                .find(|e| e.id == Some(id))
-                .map(|e| e.path),
-            None => Some(path.clone()),
-        };
-        Ok(at.and_then(|p| r.tree.open_file(&p, libc::O_RDONLY, 0).ok()))
-    }
-
-    fn commit(&mut self, manifest: Manifest) -> Result<()> {
-        let generation = self.incoming()?.generation;
-        let bs = self.replica()?.cfg.block_size;
-        check_manifest(&manifest, generation, bs)
+    fn commit<S: ReplicaStore>(&mut self, store: &mut S, manifest: Manifest) -> Result<()> {
+        let generation = self.begun()?;
+        check_manifest(&manifest, generation, store.block_size())
             .map_err(|e| Error::operator(format!("refusing the cycle's manifest: {e}")))?;
-        let mut inc = match self.inc.take() {
-            Some(i) => i,
-            None => return refuse("commit without a cycle", true),
-        };
-        let r = self.replica()?;
-        let point = apply::commit(r, &mut inc, manifest)?;
-        if let Err(e) = r.prune(sys::now_ns() as i64) {
-            tracing::warn!("retention: {e}");
-        }
+        let point = store.commit(manifest)?;
+        self.generation = None;
         self.w.msg(&Msg::Done {
             point: point.to_ref(),
             bytes: point.bytes_changed,
@@ -274,34 +211,29 @@ impl<R: Read, W: Write> Session<'_, R, W> {
     }
 }
 
-/// The BLAKE3 of block `b` of `f` (holes and zero blocks as `Zero`, beyond the end `Absent`).
-fn hash_block(
-    f: &File,
-    holes: &mut sys::Holes<'_>,
-    size: u64,
-    b: u64,
-    bs: u64,
-    buf: &mut [u8],
-) -> Result<BlockHash> {
-    let off = b * bs;
-    if off >= size {
-        return Ok(BlockHash::Absent);
+/// A stream may write only to a replica of its own store, at its block size.
+fn check_binding<S: ReplicaStore>(store: &S, store_id: &str, bs: u64) -> Result<()> {
+    if store.source() != Some(store_id) {
+        return refuse(
+            format!(
+                "{} is the replica of another store ({}), not of {store_id}",
+                store.location().display(),
+                store.source().unwrap_or("?")
+            ),
+            false,
+        );
     }
-    let n = ((size - off).min(bs)) as usize;
-    if holes.hole(off, n as u64) {
-        return Ok(BlockHash::Zero);
+    if store.block_size() != bs {
+        return refuse(
+            format!(
+                "replica block size {} is not the store's {bs}",
+                store.block_size()
+            ),
+            false,
+        );
     }
-    let got = sys::read_full(f, &mut buf[..n], off).map_err(|e| Error::Io {
-        path: "replica file".into(),
-        source: e,
-    })?;
-    buf[got..n].fill(0);
-    if buf[..n].iter().all(|&x| x == 0) {
-        return Ok(BlockHash::Zero);
-    }
-    Ok(BlockHash::Data(*blake3::hash(&buf[..n]).as_bytes()))
+    Ok(())
 }
-
 /// A manifest from the stream must describe a sane tree before anything is applied.
 pub fn check_manifest(m: &Manifest, generation: u64, bs: u64) -> std::result::Result<(), String> {
     if m.generation != generation {

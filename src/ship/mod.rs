@@ -48,7 +48,12 @@ pub trait Blocks {
 
 /// The stream broke or made no sense.
 pub fn wire_err(e: WireError) -> Error {
-    Error::Link(format!("replica connection: {e}"))
+    match &e {
+        WireError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            Error::Hangup(format!("replica connection: {e}"))
+        }
+        _ => Error::Link(format!("replica connection: {e}")),
+    }
 }
 
 /// A receiver's refusal.

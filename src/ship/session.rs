@@ -4,6 +4,7 @@
 //! became), `bind` (protect: make an empty directory this store's replica), `bye`. The
 //! receiver's refusals come back as errors of their class.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -12,7 +13,7 @@ use crate::model::{Manifest, PointRef, Target};
 use crate::ship::sender::{Shipper, Stats, planned};
 use crate::ship::{Source, refused, wire_err};
 use crate::transport::{self, Link};
-use crate::wire::Msg;
+use crate::wire::{Msg, Reader, Writer};
 
 /// Who ships.
 pub struct Hello<'a> {
@@ -45,16 +46,20 @@ fn unexpected(what: &str, m: &Msg) -> Error {
 }
 
 /// Greets the receiver (`init`: binding a new replica) and returns what it holds.
-pub fn hello(link: &mut Link, h: &Hello<'_>, init: bool) -> Result<Welcome> {
-    link.w
-        .msg(&Msg::Hello {
-            store_id: h.store_id.to_string(),
-            block_size: h.block_size,
-            init,
-            keep: h.keep.to_string(),
-        })
-        .map_err(wire_err)?;
-    match link.r.msg().map_err(wire_err)? {
+pub fn hello<W: Write, R: Read>(
+    w: &mut Writer<W>,
+    r: &mut Reader<R>,
+    h: &Hello<'_>,
+    init: bool,
+) -> Result<Welcome> {
+    w.msg(&Msg::Hello {
+        store_id: h.store_id.to_string(),
+        block_size: h.block_size,
+        init,
+        keep: h.keep.to_string(),
+    })
+    .map_err(wire_err)?;
+    match r.msg().map_err(wire_err)? {
         Msg::Welcome {
             replica_id,
             source,
@@ -78,28 +83,50 @@ pub fn bye(mut link: Link) {
     link.finish();
 }
 
-/// Ships one cycle of `source` and commits it as a point described by `manifest`.
-pub fn send(
-    link: &mut Link,
+/// Ships one cycle of `source` and commits it as a point described by `manifest`. A
+/// receiver that refuses says why and hangs up: when it stops reading, its last message
+/// is the error.
+pub fn send<W: Write, R: Read>(
+    w: &mut Writer<W>,
+    r: &mut Reader<R>,
+    c: &Cycle<'_>,
+    source: &dyn Source,
+    manifest: Manifest,
+    progress: Option<Arc<dyn Progress>>,
+) -> Result<(PointRef, Stats)> {
+    match send_cycle(w, r, c, source, manifest, progress) {
+        Err(Error::Hangup(why)) => match r.msg() {
+            Ok(Msg::Error {
+                message,
+                recoverable,
+            }) => Err(refused(message, recoverable)),
+            _ => Err(Error::Hangup(why)),
+        },
+        other => other,
+    }
+}
+
+fn send_cycle<W: Write, R: Read>(
+    w: &mut Writer<W>,
+    r: &mut Reader<R>,
     c: &Cycle<'_>,
     source: &dyn Source,
     manifest: Manifest,
     progress: Option<Arc<dyn Progress>>,
 ) -> Result<(PointRef, Stats)> {
     let bs = manifest.block_size;
-    link.w
-        .msg(&Msg::Begin {
-            generation: c.generation,
-            base: c.base,
-            cut_id: c.cut_id.to_string(),
-            resync: c.resync,
-        })
-        .map_err(wire_err)?;
+    w.msg(&Msg::Begin {
+        generation: c.generation,
+        base: c.base,
+        cut_id: c.cut_id.to_string(),
+        resync: c.resync,
+    })
+    .map_err(wire_err)?;
     let files = source.files();
     if let Some(p) = &progress {
         p.total(files.iter().map(|f| planned(*f, bs)).sum());
     }
-    let mut sh = Shipper::new(&mut link.w, &mut link.r, bs, progress.clone());
+    let mut sh = Shipper::new(w, r, bs, progress.clone());
     for f in files {
         sh.file(f)?;
     }
@@ -107,12 +134,11 @@ pub fn send(
     if let Some(p) = &progress {
         p.done();
     }
-    link.w
-        .msg(&Msg::Commit {
-            manifest: Box::new(manifest),
-        })
-        .map_err(wire_err)?;
-    match link.r.msg().map_err(wire_err)? {
+    w.msg(&Msg::Commit {
+        manifest: Box::new(manifest),
+    })
+    .map_err(wire_err)?;
+    match r.msg().map_err(wire_err)? {
         Msg::Done { point, .. } => Ok((point, stats)),
         Msg::Error {
             message,
@@ -125,7 +151,7 @@ pub fn send(
 /// Binds the replica at `target` to the store `h` names (`drfs protect`); the replica's id.
 pub fn bind(target: &Target, h: &Hello<'_>) -> Result<String> {
     let mut link = transport::connect(target)?;
-    match hello(&mut link, h, true) {
+    match hello(&mut link.w, &mut link.r, h, true) {
         Ok(w) => {
             bye(link);
             Ok(w.replica_id)

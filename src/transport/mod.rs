@@ -63,7 +63,7 @@ impl Link {
         let (code, why) = stop(&mut self.child);
         tracing::warn!("replication stream failed: {e} ({why})");
         match (&e, why.is_empty()) {
-            (Error::Link(_), false) => Error::Refused {
+            (Error::Link(_) | Error::Hangup(_), false) => Error::Refused {
                 message: format!("replica: {why}"),
                 class: Class::from_recoverable(code != Some(2)),
             },

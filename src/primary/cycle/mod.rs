@@ -230,7 +230,7 @@ fn exchange(
         block_size: cfg.block_size,
         keep: &rep.keep,
     };
-    let w = session::hello(link, &hello, false)?;
+    let w = session::hello(&mut link.w, &mut link.r, &hello, false)?;
     if w.source.as_deref() != Some(cfg.store_id.as_str()) || w.replica_id != rep.replica_id {
         return Err(crate::ship::refused(
             format!(
@@ -288,10 +288,12 @@ fn exchange(
         cut_id: &cut_id,
         resync,
     };
+    let source = source::CutSource::new(&cut);
     let r = session::send(
-        link,
+        &mut link.w,
+        &mut link.r,
         &c,
-        &source::CutSource::new(&cut),
+        &source,
         manifest,
         opts.progress,
     );

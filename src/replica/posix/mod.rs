@@ -11,6 +11,7 @@ pub mod apply;
 pub mod hashes;
 pub mod incoming;
 pub mod read;
+pub mod store;
 pub mod tree;
 pub mod undo;
 

@@ -29,167 +29,88 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{At, Error, Result};
+use crate::model::Entry;
 use crate::model::FileId;
 use crate::model::PointInfo;
 use crate::model::relpath::RelPath;
-use crate::model::{Entry, Kind, Manifest};
+use crate::replica::Bad;
 use crate::replica::posix::Replica;
 use crate::replica::posix::hashes::{ENTRY, Hashes, ZERO, of};
 use crate::replica::posix::undo::{UndoFile, UndoIndex, data_path, hash_path};
 use crate::sys::aligned::with_scratch;
 use crate::sys::{self, read_full};
 
-/// Indexes of a point's entries by their parent directory.
-type Children = HashMap<RelPath, Vec<usize>>;
-
-/// A point, ready to be read.
-pub struct PointView {
-    pub info: PointInfo,
-    pub manifest: Manifest,
-    bs: u64,
-    replica: PathBuf,
-    /// Directory entries by parent, built on first use.
-    children: Mutex<Option<Arc<Children>>>,
-    /// `allocated` answers, by file.
-    alloc: Mutex<HashMap<FileId, u64>>,
-}
-
-impl PointView {
-    pub fn open(r: &Replica, id: &str) -> Result<PointView> {
-        let points = r.points()?;
-        let Some(info) = points.into_iter().find(|p| p.id == id) else {
-            return Err(Error::Invalid(format!(
-                "no point {id} on {} (drfs points lists them)",
-                r.root.display()
-            )));
-        };
-        Ok(PointView {
-            manifest: r.manifest(id)?,
-            info,
-            bs: r.cfg.block_size,
-            replica: r.root.clone(),
-            children: Mutex::new(None),
-            alloc: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// About how many bytes the file of entry `e` occupies: what its sources (the
-    /// replica's file at its path, the undo records from this point on) have allocated,
-    /// at most its size. An estimate, for `du` and for `cp`'s sparse-file detection.
-    pub fn allocated(&self, e: &Entry) -> u64 {
-        let Some(id) = e.id else {
-            return 0;
-        };
-        if let Some(&a) = self.alloc.lock().get(&id) {
-            return a;
-        }
-        let a = self.estimate(e, id).unwrap_or(e.size).min(e.size);
-        self.alloc.lock().insert(id, a);
-        a
-    }
-
-    fn estimate(&self, e: &Entry, id: FileId) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        let r = Replica::open_only(&self.replica)?;
-        let mut total = match r.tree.lstat(&e.path) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st.st_blocks as u64 * 512,
-            _ => 0,
-        };
-        for p in r.points()? {
-            if p.generation >= self.info.generation {
-                let data = data_path(&r.undo_dir(&p.id), id);
-                total += std::fs::metadata(&data).map_or(0, |m| m.blocks() * 512);
-            }
-        }
-        Ok(total)
-    }
-
-    /// The replica the point is on.
-    pub fn replica(&self) -> &std::path::Path {
-        &self.replica
-    }
-
-    pub fn block_size(&self) -> u64 {
-        self.bs
-    }
-
-    pub fn entry(&self, path: &RelPath) -> Option<(usize, &Entry)> {
-        self.manifest
-            .entries
-            .binary_search_by(|e| e.path.cmp(path))
-            .ok()
-            .map(|i| (i, &self.manifest.entries[i]))
-    }
-
-    /// Indexes into the manifest of the entries directly in `dir` (root: empty path).
-    pub fn children(&self, dir: &RelPath) -> Vec<usize> {
-        let mut c = self.children.lock();
-        let map = c.get_or_insert_with(|| {
-            let mut m: Children = HashMap::new();
-            for (i, e) in self.manifest.entries.iter().enumerate() {
-                let b = e.path.as_bytes();
-                let parent = b
-                    .iter()
-                    .rposition(|&x| x == b'/')
-                    .map_or(&b[..0], |p| &b[..p]);
-                m.entry(RelPath::from_bytes(parent)).or_default().push(i);
-            }
-            Arc::new(m)
-        });
-        map.get(dir).cloned().unwrap_or_default()
-    }
-
-    /// How many names the file of entry `e` has in this point.
-    pub fn links(&self, e: &Entry) -> u32 {
-        match e.id {
-            Some(id) => self
-                .manifest
-                .entries
-                .iter()
-                .filter(|x| x.id == Some(id))
-                .count() as u32,
-            None => 1,
-        }
-    }
-
-    /// Opens a file of this point for reading through the replica host's page cache.
-    pub fn file(&self, e: &Entry) -> Result<PointFile> {
-        self.open_file(e, false)
-    }
-
-    /// Opens a file of this point whose aligned reads bypass the replica host's page
-    /// cache (O_DIRECT on the replica's files where their filesystem allows it; other
-    /// reads stay buffered). For a client that reads with O_DIRECT, and for a mount whose
-    /// kernel caches the point's pages itself.
-    pub fn file_direct(&self, e: &Entry) -> Result<PointFile> {
-        self.open_file(e, true)
-    }
-
-    fn open_file(&self, e: &Entry, direct: bool) -> Result<PointFile> {
+impl PointFile {
+    /// Opens file `e` of point `info` on `r`; `direct`: aligned reads bypass the replica
+    /// host's page cache (O_DIRECT where the filesystem allows it).
+    pub fn open(r: &Replica, info: &PointInfo, e: &Entry, direct: bool) -> Result<PointFile> {
         let id =
             e.id.ok_or_else(|| Error::Invalid(format!("{} is not a regular file", e.path)))?;
-        let r = Replica::open_only(&self.replica)?;
+        let bs = r.cfg.block_size;
+        let r = Replica::open_only(&r.root)?;
         let pf = PointFile {
             id,
-            point: self.info.id.clone(),
+            point: info.id.clone(),
             path: e.path.clone(),
             size: e.size,
-            bs: self.bs,
-            from: self.info.generation,
+            bs,
+            from: info.generation,
             direct,
-            _pin: r.pin(&self.info.id)?,
+            _pin: r.pin(&info.id)?,
             seq: r.map_seq(),
             replica: r,
-            state: RwLock::new(Chain::new(e.size.div_ceil(self.bs))),
+            state: RwLock::new(Chain::new(e.size.div_ceil(bs))),
         };
         pf.refresh()?;
         Ok(pf)
+    }
+}
+
+/// About how many bytes file `e` of point `p` occupies on `r`: what its sources (the
+/// replica's file at its path, the undo records from this point on) have allocated.
+pub fn allocated(r: &Replica, p: &PointInfo, e: &Entry) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(id) = e.id else {
+        return Ok(0);
+    };
+    let mut total = match r.tree.lstat(&e.path) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st.st_blocks as u64 * 512,
+        _ => 0,
+    };
+    for q in r.points()? {
+        if q.generation >= p.generation {
+            let data = data_path(&r.undo_dir(&q.id), id);
+            total += std::fs::metadata(&data).map_or(0, |m| m.blocks() * 512);
+        }
+    }
+    Ok(total)
+}
+
+impl crate::replica::PointRead for PointFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        PointFile::read_at(self, buf, off)
+    }
+
+    fn read_checked(&self, buf: &mut [u8], b: u64) -> io::Result<(usize, Option<Bad>)> {
+        PointFile::read_checked(self, buf, b)
+    }
+
+    fn first_nonzero_entry(&self, a: u64, z: u64) -> io::Result<Option<u64>> {
+        PointFile::first_nonzero_entry(self, a, z)
+    }
+
+    fn seek(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
+        PointFile::seek(self, off, data)
     }
 }
 
@@ -349,24 +270,6 @@ impl Checked {
             if let Some(page) = self.good[p].get_mut() {
                 *page[w].get_mut() &= !mask;
             }
-        }
-    }
-}
-
-/// Why a block fails its check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bad {
-    /// Its source keeps no hash index.
-    Unhashed,
-    /// Its bytes do not hash to the entry kept for it.
-    Mismatch,
-}
-
-impl Bad {
-    pub fn why(self) -> &'static str {
-        match self {
-            Bad::Unhashed => "has no BLAKE3 kept",
-            Bad::Mismatch => "does not match its BLAKE3",
         }
     }
 }
@@ -928,14 +831,6 @@ impl PointFile {
     pub fn entry_size() -> u64 {
         ENTRY
     }
-}
-
-/// Every regular file of a point, for callers that walk it.
-pub fn files(view: &PointView) -> impl Iterator<Item = &Entry> {
-    view.manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == Kind::File)
 }
 
 #[cfg(test)]

@@ -1,0 +1,208 @@
+//! The POSIX replica behind the two seams: `PointStore` (its points read back through
+//! `read`'s undo-record chains) and `ReplicaStore` (`Receiving`: a receive session's
+//! staging in `incoming/`, hash answers from the staged blocks and the latest files, and
+//! the atomic apply).
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::retention::Policy;
+use crate::model::{Entry, FileId, Manifest, PointInfo, RelPath};
+use crate::replica::posix::incoming::Incoming;
+use crate::replica::posix::read::{self, PointFile};
+use crate::replica::posix::{Replica, apply};
+use crate::replica::{PointRead, PointStore, ReplicaStore};
+use crate::state::StateDir;
+use crate::sys;
+use crate::wire::{Block, BlockHash};
+
+impl PointStore for Replica {
+    fn location(&self) -> &Path {
+        &self.root
+    }
+
+    fn block_size(&self) -> u64 {
+        self.cfg.block_size
+    }
+
+    fn points(&self) -> Result<Vec<PointInfo>> {
+        Replica::points(self)
+    }
+
+    fn latest(&self) -> Result<Option<PointInfo>> {
+        Replica::latest(self)
+    }
+
+    fn manifest(&self, id: &str) -> Result<Manifest> {
+        Replica::manifest(self, id)
+    }
+
+    fn open(&self, p: &PointInfo, e: &Entry, direct: bool) -> Result<Box<dyn PointRead>> {
+        Ok(Box::new(PointFile::open(self, p, e, direct)?))
+    }
+
+    fn allocated(&self, p: &PointInfo, e: &Entry) -> Result<u64> {
+        read::allocated(self, p, e)
+    }
+}
+
+/// A POSIX replica receiving cycles.
+pub struct Receiving {
+    replica: Replica,
+    inc: Option<Incoming>,
+}
+
+impl Receiving {
+    /// The replica at `root` for store `store_id`: an existing one, or with `init` (`drfs
+    /// protect`) a directory made one now, taking the retention policy `keep`.
+    pub fn bind(root: &Path, store_id: &str, bs: u64, init: bool, keep: &str) -> Result<Receiving> {
+        if init {
+            Policy::parse(keep).map_err(Error::operator)?;
+        }
+        let exists = StateDir::new(root).exists();
+        let mut r = if !exists && init {
+            Replica::init(root, store_id, bs, keep)?
+        } else {
+            Replica::open(root)?
+        };
+        if init && r.cfg.keep.as_deref() != Some(keep) && r.cfg.source.as_deref() == Some(store_id)
+        {
+            let mut cfg = r.cfg.clone();
+            cfg.keep = Some(keep.to_string());
+            r.sd.write_config(&cfg)?;
+            r = Replica::open(root)?;
+        }
+        Ok(Receiving {
+            replica: r,
+            inc: None,
+        })
+    }
+
+    fn incoming(&mut self) -> Result<&mut Incoming> {
+        self.inc
+            .as_mut()
+            .ok_or_else(|| Error::transient("data before a cycle began"))
+    }
+
+    /// The latest file of `id` (before a first point: the file at `path`, a seed).
+    fn latest_file(&self, id: FileId, path: &RelPath) -> Result<Option<File>> {
+        let r = &self.replica;
+        let at = match r.latest()? {
+            Some(p) => r
+                .manifest(&p.id)?
+                .entries
+                .into_iter()
+                .find(|e| e.id == Some(id))
+                .map(|e| e.path),
+            None => Some(path.clone()),
+        };
+        Ok(at.and_then(|p| r.tree.open_file(&p, libc::O_RDONLY, 0).ok()))
+    }
+}
+
+impl ReplicaStore for Receiving {
+    fn location(&self) -> &Path {
+        &self.replica.root
+    }
+
+    fn id(&self) -> &str {
+        &self.replica.cfg.store_id
+    }
+
+    fn source(&self) -> Option<&str> {
+        self.replica.cfg.source.as_deref()
+    }
+
+    fn block_size(&self) -> u64 {
+        self.replica.cfg.block_size
+    }
+
+    fn latest(&self) -> Result<Option<PointInfo>> {
+        self.replica.latest()
+    }
+
+    fn begin(&mut self, generation: u64, base: Option<u64>) -> Result<()> {
+        let dir = self.replica.sd.path("incoming");
+        self.inc = Some(Incoming::begin(
+            &dir,
+            generation,
+            base,
+            self.replica.cfg.block_size,
+        )?);
+        Ok(())
+    }
+
+    fn stage(&mut self, b: &Block) -> Result<()> {
+        self.incoming()?.put(b)
+    }
+
+    fn hashes(
+        &mut self,
+        id: FileId,
+        path: &RelPath,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<BlockHash>> {
+        let bs = self.replica.cfg.block_size;
+        let file = self.latest_file(id, path)?;
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        let mut holes = file.as_ref().map(sys::Holes::new);
+        let mut out = Vec::with_capacity(count as usize);
+        let mut buf = vec![0u8; bs as usize];
+        for b in first..first + count {
+            if let Some(h) = self.incoming()?.rehash(id, b)? {
+                out.push(h);
+                continue;
+            }
+            out.push(match (&file, &mut holes) {
+                (Some(f), Some(h)) => hash_block(f, h, size, b, bs, &mut buf)?,
+                _ => BlockHash::Absent,
+            });
+        }
+        Ok(out)
+    }
+
+    fn commit(&mut self, m: Manifest) -> Result<PointInfo> {
+        let mut inc = self
+            .inc
+            .take()
+            .ok_or_else(|| Error::transient("commit without a cycle"))?;
+        let point = apply::commit(&self.replica, &mut inc, m)?;
+        if let Err(e) = self.replica.prune(sys::now_ns() as i64) {
+            tracing::warn!("retention: {e}");
+        }
+        Ok(point)
+    }
+}
+
+/// The BLAKE3 of block `b` of `f` (holes and zero blocks as `Zero`, beyond the end `Absent`).
+fn hash_block(
+    f: &File,
+    holes: &mut sys::Holes<'_>,
+    size: u64,
+    b: u64,
+    bs: u64,
+    buf: &mut [u8],
+) -> Result<BlockHash> {
+    let off = b * bs;
+    if off >= size {
+        return Ok(BlockHash::Absent);
+    }
+    let n = ((size - off).min(bs)) as usize;
+    if holes.hole(off, n as u64) {
+        return Ok(BlockHash::Zero);
+    }
+    let got = sys::read_full(f, &mut buf[..n], off).map_err(|e| Error::Io {
+        path: "replica file".into(),
+        source: e,
+    })?;
+    buf[got..n].fill(0);
+    if buf[..n].iter().all(|&x| x == 0) {
+        return Ok(BlockHash::Zero);
+    }
+    Ok(BlockHash::Data(*blake3::hash(&buf[..n]).as_bytes()))
+}
