@@ -119,6 +119,7 @@ fn point_of_latest(br: &Path) -> String {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn every_point_reads_as_the_primary_did_at_its_cut() {
     let r = Rep::new("browse", "manual", "all:1h,hourly:24h");
     let f = &r.f;
@@ -249,6 +250,7 @@ fn mount_ro(img: &Path, at: &Path) -> Output {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn single_files_come_back_from_a_guest_filesystem_of_a_point() {
     need("mkfs.ext4");
     let r = Rep::new("item", "manual", "all:1h,hourly:24h");
@@ -391,6 +393,7 @@ impl Drop for Qsd {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn single_files_come_back_from_a_qcow2_guest_image_of_a_point() {
     need("mkfs.ext4");
     let r = Rep::new("qitem", "manual", "all:1h,hourly:24h");
@@ -483,6 +486,7 @@ fn parallel_direct_read(f: &Arc<fs::File>, size: u64, threads: u64) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn one_open_file_read_by_many_threads_stays_right_across_applies() {
     // Every cycle moves blocks of the open point out of the latest file; the first reads
     // after it run with a stale chain on several threads at once, and a thread that
@@ -511,6 +515,7 @@ fn one_open_file_read_by_many_threads_stays_right_across_applies() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn reads_and_a_test_failover_stay_right_while_cycles_apply() {
     let r = Rep::new("busy", "manual", "all:1h,hourly:24h");
     let f = &r.f;
@@ -647,6 +652,7 @@ fn point_ids(r: &Rep) -> Vec<String> {
 /// merged into its record meanwhile, and its reads stay exact), and drops it at the first
 /// run after the file is closed.
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_point_with_an_open_file_outlives_retention_until_closed() {
     let r = Rep::new("pinned", "manual", "last:2");
     let f = &r.f;
@@ -699,6 +705,7 @@ fn a_point_with_an_open_file_outlives_retention_until_closed() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
     // fuser 0.18 unmounts by path when a session ends (see `mount::attach`): a browse
     // unmounted lazily, whose last open file closes after a new browse was mounted at the
@@ -724,6 +731,7 @@ fn a_daemon_that_ends_late_leaves_a_newer_mount_at_its_path_alone() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn browse_and_test_failover_daemons_log_to_the_replica() {
     let (r, p1, br) = one_point_browsed("logs", M);
     let pids = daemons_of(&br);
@@ -779,6 +787,7 @@ fn readahead_kb(dev: u64) -> Option<u64> {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn browse_reads_ahead_like_the_replica_disk() {
     let (r, _, br) = one_point_browsed("readahead", M);
     let disk = fs::metadata(&r.replica).unwrap().dev();
@@ -800,6 +809,7 @@ fn cached_bytes(p: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_buffered_read_of_a_point_is_cached_once() {
     // Point 1 then half the disk overwritten (point 2): point 1 reads from its undo
     // record and from the latest file.
@@ -1022,6 +1032,7 @@ fn log_since(log: &Path, from: usize) -> String {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_corrupt_block_fails_with_eio_in_exactly_the_points_that_use_it() {
     let r = Rep::new("corrupt", "manual", "all:1h");
     let f = &r.f;
@@ -1126,6 +1137,7 @@ fn grow(p: &Path, size: u64) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn files_that_grow_past_a_partial_last_block_restore_verified() {
     // The primary sends nothing for the old last block of a growing file, but the block
     // grows by zeros and its BLAKE3 with it: the replica must bring its entry along (and
@@ -1157,6 +1169,7 @@ fn du_kib(p: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn restore_is_exact_sparse_verified_and_shows_progress() {
     let r = Rep::new("restore", "manual", "all:1h,hourly:24h");
     let f = &r.f;
@@ -1295,6 +1308,7 @@ fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn bad_input_to_browse_restore_and_test_failover() {
     let r = Rep::new("badview", "manual", "all:1h,hourly:24h");
     let f = &r.f;

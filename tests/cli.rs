@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn bad_mount_arguments_get_one_line_errors() {
     let f = Fixture::new("badargs");
     let (s, m) = (f.store.as_os_str(), f.mnt.as_os_str());
@@ -61,6 +62,7 @@ fn bad_mount_arguments_get_one_line_errors() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_mounted_store_cannot_be_mounted_twice() {
     let f = Fixture::new("twice");
     f.mount(&["--block-size", "64K"]);
@@ -90,6 +92,7 @@ fn a_mounted_store_cannot_be_mounted_twice() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn other_commands_reject_bad_input() {
     let f = Fixture::new("badcmd");
     fails(
@@ -114,6 +117,7 @@ fn other_commands_reject_bad_input() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_stale_mount_is_replaced() {
     let f = Fixture::new("stale");
     f.mount(&[]);
@@ -131,6 +135,7 @@ fn a_stale_mount_is_replaced() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn busy_mounts_stay_mounted_unless_lazy() {
     let f = Fixture::new("busy");
     f.mount(&[]);
@@ -154,6 +159,7 @@ fn busy_mounts_stay_mounted_unless_lazy() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn foreground_serves_until_unmounted() {
     let f = Fixture::new("fg");
     let mut child = drfs()
@@ -182,6 +188,7 @@ fn foreground_serves_until_unmounted() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn the_mount_helper_translates_fstab_options() {
     let f = Fixture::new("helper");
     let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mount/mount.drfs");
@@ -214,6 +221,7 @@ fn the_mount_helper_translates_fstab_options() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn replication_commands_reject_bad_input() {
     let f = Fixture::new("badrep");
     let (s, rep) = (f.store.as_os_str(), f.root.join("replica"));

@@ -11,6 +11,7 @@ use std::process::Command;
 use common::*;
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn qemu_io_odirect_patterns_read_back() {
     let f = Fixture::new("qemuio");
     f.mount(&[]);
@@ -74,6 +75,7 @@ fn qemu_io_odirect_patterns_read_back() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn qemu_img_creates_converts_and_checks_qcow2() {
     let f = Fixture::new("qemuimg");
     f.mount(&[]);
@@ -147,6 +149,7 @@ fn fio(dir: &std::path::Path, args: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn fio_verify_jobs_pass_and_survive_remount() {
     let f = Fixture::new("fio");
     f.mount(&[]);
@@ -257,6 +260,7 @@ fn fio_verify_jobs_pass_and_survive_remount() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn ext4_in_an_image_on_the_mount() {
     let f = Fixture::new("ext4");
     f.mount(&[]);
@@ -311,6 +315,7 @@ fn fsx_ops() -> String {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn fsx_default_mode() {
     let f = Fixture::new("fsx");
     f.mount(&[]);
@@ -325,6 +330,7 @@ fn fsx_default_mode() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn fsx_block_mode_on_a_preallocated_image() {
     let f = Fixture::new("fsxblk");
     f.mount(&[]);
@@ -354,6 +360,7 @@ const PJD_CONF: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimen
 /// `link::link_count_max` is skipped because glibc's pathconf(_PC_LINK_MAX) does not know
 /// FUSE and answers 127, which pjdfstest treats as "unknown".
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn pjdfstest_has_no_failures() {
     let f = Fixture::new("pjd");
     fs::set_permissions(&f.root, fs::Permissions::from_mode(0o755)).unwrap();

@@ -29,6 +29,7 @@ fn stamp(seq: u64, file: u64, block: u64, buf: &mut [u8]) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn every_point_is_a_prefix_of_the_write_sequence() {
     let r = Rep::new("prefix", "1s", "all:1h");
     let f = &r.f;
@@ -142,6 +143,7 @@ fn check_prefix(dir: &std::path::Path, log: &[(u64, u64, u64)], id: &str) -> u64
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn ext4_written_during_cycles_is_clean_in_every_point() {
     let r = Rep::new("ext4rep", "manual", "all:1h");
     let f = &r.f;

@@ -252,6 +252,7 @@ fn assert_marked(f: &Fixture, name: &str, written: &BTreeSet<u64>, what: &str) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn sigkill_during_random_writes_loses_no_dirty_bit_and_costs_no_resync() {
     let rounds: usize = std::env::var("DRFS_CRASH_ROUNDS")
         .ok()
@@ -323,6 +324,7 @@ fn write_store_directly(f: &Fixture, name: &str) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn only_files_changed_behind_drfs_after_a_kill_are_flagged() {
     let (f, written) = busy_then_killed("direct-after-kill");
     // Right after the kill, straight into the store: a write, a rename, a new file, and a
@@ -352,6 +354,7 @@ fn only_files_changed_behind_drfs_after_a_kill_are_flagged() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_busy_file_written_directly_50_ms_after_the_kill_is_flagged() {
     let (f, written) = busy_then_killed("direct-50ms");
     // `kill_daemon` returned once the daemon was gone; the window the stamps leave after
@@ -372,6 +375,7 @@ fn a_busy_file_written_directly_50_ms_after_the_kill_is_flagged() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn host_crash_is_covered_by_the_activity_log() {
     let f = Fixture::new("hostcrash");
     f.mount(&[]);

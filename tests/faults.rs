@@ -53,6 +53,7 @@ fn check_all(r: &Rep, alias: &[(String, String)]) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn daemon_killed_mid_cycle_loses_nothing() {
     let r = Rep::new("killd", "manual", "all:1h");
     random_file(&r.f.m("big.img"), 192);
@@ -89,6 +90,7 @@ fn daemon_killed_mid_cycle_loses_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn receiver_killed_at_every_apply_step() {
     let r = Rep::new("killr", "manual", "all:1h");
     let f = &r.f;
@@ -149,6 +151,7 @@ fn receiver_killed_at_every_apply_step() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn an_interrupted_transfer_resumes() {
     let r = Rep::new("resume", "manual", "all:1h");
     random_file(&r.f.m("big.img"), 64);
@@ -176,6 +179,7 @@ fn an_interrupted_transfer_resumes() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_full_replica_disk_is_recoverable() {
     let f = Fixture::new("full");
     let img = f.root.join("small.img");
@@ -236,6 +240,7 @@ fn a_full_replica_disk_is_recoverable() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn one_corrupted_byte_is_rejected() {
     let r = Rep::new("corrupt", "manual", "all:1h");
     random_file(&r.f.m("a.img"), 8);

@@ -160,6 +160,7 @@ fn empty(p: &Path) -> bool {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn paths_outside_the_replica_are_refused() {
     let c = Case::new("hostile-path");
     let blk = data_block(1, 0, vec![0x41; 100]);
@@ -182,6 +183,7 @@ fn paths_outside_the_replica_are_refused() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_symlink_planted_in_the_replica_leads_nowhere() {
     let c = Case::new("hostile-plant");
     std::os::unix::fs::symlink(&c.outside, c.replica.join("link")).unwrap();
@@ -207,6 +209,7 @@ fn a_symlink_planted_in_the_replica_leads_nowhere() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn absurd_sizes_and_bad_data_are_refused() {
     let c = Case::new("hostile-size");
     let ok_entry = || entry("f", Kind::File, Some(1), 100);

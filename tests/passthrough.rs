@@ -26,6 +26,7 @@ fn c(p: &Path) -> CString {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn namespace_operations_reach_the_store() {
     let f = Fixture::new("ns");
     f.mount(&[]);
@@ -81,6 +82,7 @@ fn namespace_operations_reach_the_store() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn state_dir_is_invisible_and_untouchable() {
     let f = Fixture::new("hidden");
     f.mount(&[]);
@@ -109,6 +111,7 @@ fn state_dir_is_invisible_and_untouchable() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn errors_are_the_stores_errors() {
     let f = Fixture::new("errno");
     f.mount(&[]);
@@ -158,6 +161,7 @@ fn seek(fd: i32, off: i64, whence: i32) -> i64 {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn sparse_files_stay_sparse_and_holes_are_reported() {
     let f = Fixture::new("sparse");
     f.mount(&[]);
@@ -211,6 +215,7 @@ fn sparse_files_stay_sparse_and_holes_are_reported() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn xattrs_pass_through() {
     let f = Fixture::new("xattr");
     f.mount(&[]);
@@ -251,6 +256,7 @@ fn xattrs_pass_through() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn shared_mmap_writes_reach_the_store() {
     let f = Fixture::new("mmap");
     f.mount(&[]);
@@ -273,6 +279,7 @@ fn shared_mmap_writes_reach_the_store() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn copy_file_range_copies_on_the_store() {
     let f = Fixture::new("cfr");
     f.mount(&[]);
@@ -321,6 +328,7 @@ fn daemon_fd_flags(mnt: &Path, path: &Path) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn o_direct_is_direct_on_both_sides() {
     let f = Fixture::new("odirect");
     f.mount(&[]);
@@ -355,6 +363,7 @@ fn o_direct_is_direct_on_both_sides() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn statfs_is_the_stores() {
     let f = Fixture::new("statfs");
     f.mount(&[]);
@@ -384,6 +393,7 @@ fn as_nobody(script: &str) -> std::process::Output {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn other_users_get_the_stores_permission_rules() {
     let f = Fixture::new("perm");
     fs::set_permissions(&f.root, fs::Permissions::from_mode(0o755)).unwrap();
@@ -408,6 +418,7 @@ fn other_users_get_the_stores_permission_rules() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn reads_and_writes_round_trip_at_odd_offsets() {
     let f = Fixture::new("rw");
     f.mount(&[]);

@@ -18,6 +18,7 @@ fn qemu_io(args: &[&str], img: &std::path::Path) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn cycles_keep_the_replica_latest_and_every_point_exact() {
     let r = Rep::new("e2e", "manual", "all:1h,hourly:24h");
     let f = &r.f;
@@ -176,6 +177,7 @@ fn cycles_keep_the_replica_latest_and_every_point_exact() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn retention_drops_oldest_and_merges_intermediate_points() {
     let r = Rep::new("keep", "manual", "all:1h,hourly:24h");
     let f = &r.f;
@@ -252,6 +254,7 @@ fn retention_drops_oldest_and_merges_intermediate_points() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_sigkill_under_writes_costs_the_next_cycle_only_the_marked_blocks() {
     const SIZE: u64 = 1 << 30;
     let r = Rep::new("kill-ship", "manual", "all:1h");

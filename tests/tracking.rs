@@ -119,16 +119,19 @@ fn exactness(bs: u64, flag: &str) {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn changes_are_exact_at_64k_blocks() {
     exactness(65536, "64K");
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn changes_are_exact_at_4k_blocks() {
     exactness(4096, "4K");
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn namespace_and_metadata_changes_are_logged() {
     let f = Fixture::new("nslog");
     f.mount(&[]);
@@ -232,6 +235,7 @@ fn namespace_and_metadata_changes_are_logged() {
 }
 
 #[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn a_store_changed_while_unmounted_is_flagged() {
     let f = Fixture::new("offline");
     fs::write(f.s("old.img"), vec![1u8; 100_000]).unwrap();
