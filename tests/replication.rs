@@ -319,3 +319,83 @@ fn a_sigkill_under_writes_costs_the_next_cycle_only_the_marked_blocks() {
     r.check_latest();
     f.unmount();
 }
+
+/// The pattern the fixture's disk was written with.
+fn pat(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i as u64 * 31 + u64::from(seed)) & 0xff) as u8)
+        .collect()
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_store_and_replica_of_an_older_drfs_mount_ship_and_browse() {
+    let f = Fixture::new("compat");
+    let tar = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v1-store-and-replica.tar.gz");
+    std::fs::remove_dir(&f.store).unwrap();
+    sh(&format!(
+        "tar --sparse -xzf {} -C {}",
+        tar.display(),
+        f.root.display()
+    ));
+    let replica = f.root.join("replica");
+    // What each point held (tests/fixtures/README.md).
+    let mut disk1 = vec![0u8; 4 << 20];
+    disk1[..1 << 20].copy_from_slice(&pat(1 << 20, 1));
+    disk1[3 << 20..(3 << 20) + 65536].copy_from_slice(&pat(65536, 2));
+    let mut disk2 = disk1.clone();
+    disk2[2 << 20..(2 << 20) + 131072].copy_from_slice(&pat(131072, 3));
+    // The replica moved with the store: bind it again where it is now.
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&replica)
+        .args(["--interval", "manual", "--keep", "all:3650d"]));
+    f.mount(&[]);
+    assert_eq!(fs::read(f.m("vm1/disk.raw")).unwrap(), disk2);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(f.m("vm1/disk.raw"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &pat(65536, 4), 1 << 20).unwrap();
+    drop(file);
+    let mut disk3 = disk2.clone();
+    disk3[1 << 20..(1 << 20) + 65536].copy_from_slice(&pat(65536, 4));
+    ok(drfs().arg("ship").arg(&f.store));
+    // The tar copy gave the files new inodes: the mount found them as new files (new
+    // ids), so this cycle sent them whole; what matters here is that it applied.
+    let points: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("points").arg(&replica).arg("--json")).stdout)
+            .unwrap();
+    let ids: Vec<&str> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["00000003", "00000002", "00000001"]);
+    let br = f.mountpoint("points");
+    ok(drfs().arg("browse").arg(&replica).arg(&br));
+    for (id, disk) in [
+        ("00000001", &disk1),
+        ("00000002", &disk2),
+        ("00000003", &disk3),
+    ] {
+        let p = br.join("points").join(id);
+        assert!(
+            fs::read(p.join("vm1/disk.raw")).unwrap() == *disk,
+            "point {id}"
+        );
+        assert_eq!(
+            fs::read_link(p.join("vm1/current")).unwrap(),
+            std::path::Path::new("disk.raw")
+        );
+        assert_eq!(p.join("vm1/notes.txt").exists(), id != "00000001");
+    }
+    ok(drfs().arg("unmount").arg(&br));
+    ok(drfs().arg("status").arg(&f.store));
+    ok(drfs().arg("status").arg(&replica));
+    f.unmount();
+}
