@@ -8,7 +8,7 @@ pub const SOURCE_PREFIX: &str = "drfs:";
 /// The source of a `drfs browse` mount (followed by the replica).
 pub const BROWSE_PREFIX: &str = "drfs-browse:";
 /// The source of a `drfs test-failover` clone (followed by the replica).
-pub const CLONE_PREFIX: &str = "drfs-clone:";
+pub const TEST_FAILOVER_PREFIX: &str = "drfs-clone:";
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -70,7 +70,7 @@ pub fn at(mountpoint: &Path) -> Option<Entry> {
 /// Whether the entry is a FUSE mount drfs made (a store, a browse, a clone).
 pub fn is_drfs(e: &Entry) -> bool {
     e.fstype.starts_with("fuse")
-        && [SOURCE_PREFIX, BROWSE_PREFIX, CLONE_PREFIX]
+        && [SOURCE_PREFIX, BROWSE_PREFIX, TEST_FAILOVER_PREFIX]
             .iter()
             .any(|p| e.source.starts_with(p))
 }

@@ -193,7 +193,7 @@ struct Node {
     content: Option<Mutex<Content>>,
 }
 
-pub struct Clone {
+pub struct TestFailover {
     nodes: RwLock<BTreeMap<u64, Arc<RwLock<Node>>>>,
     next: AtomicU64,
     overlay_dir: PathBuf,
@@ -215,10 +215,10 @@ fn time_of(ns: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
 }
 
-impl Clone {
+impl TestFailover {
     /// A clone of `view`, with its overlay files in `overlay_dir`.
-    pub fn new(view: &PointView, overlay_dir: PathBuf) -> crate::error::Result<Clone> {
-        let c = Clone {
+    pub fn new(view: &PointView, overlay_dir: PathBuf) -> crate::error::Result<TestFailover> {
+        let c = TestFailover {
             nodes: RwLock::new(BTreeMap::new()),
             next: AtomicU64::new(ROOT + 1),
             overlay_dir,
@@ -407,7 +407,7 @@ impl Clone {
     }
 }
 
-impl Filesystem for Clone {
+impl Filesystem for TestFailover {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         crate::primary::passthrough::fs::read_capabilities(config);
         std::fs::create_dir_all(&self.overlay_dir)
@@ -744,11 +744,11 @@ impl Filesystem for Clone {
 }
 
 /// The format version of `test-failover.json`.
-pub const SESSION_VERSION: u32 = 1;
+pub const RUNNING_VERSION: u32 = 1;
 
 /// A running test failover, as `REPLICA/.drfs/test-failover.json` records it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Session {
+pub struct Running {
     pub version: u32,
     pub point: String,
     pub at: PathBuf,
@@ -756,7 +756,7 @@ pub struct Session {
     pub started: String,
 }
 
-fn session_path(r: &crate::replica::posix::Replica) -> PathBuf {
+fn running_path(r: &crate::replica::posix::Replica) -> PathBuf {
     r.sd.path("test-failover.json")
 }
 
@@ -770,9 +770,9 @@ fn overlay_dir(r: &crate::replica::posix::Replica) -> PathBuf {
 }
 
 /// The running test failover of replica `r`, if there is one.
-pub fn running(r: &crate::replica::posix::Replica) -> Option<Session> {
-    let s: Session = serde_json::from_slice(&std::fs::read(session_path(r)).ok()?).ok()?;
-    (s.version == SESSION_VERSION && crate::sys::pid_alive(s.pid)).then_some(s)
+pub fn running(r: &crate::replica::posix::Replica) -> Option<Running> {
+    let s: Running = serde_json::from_slice(&std::fs::read(running_path(r)).ok()?).ok()?;
+    (s.version == RUNNING_VERSION && crate::sys::pid_alive(s.pid)).then_some(s)
 }
 
 /// Takes the replica's test-failover lock (held by the clone's daemon for its life).
@@ -820,16 +820,16 @@ pub fn serve(
             std::fs::remove_dir_all(&dir).at(&dir)?;
         }
         std::fs::create_dir_all(&dir).at(&dir)?;
-        let fs = Clone::new(&view, dir)?;
-        let s = Session {
-            version: SESSION_VERSION,
+        let fs = TestFailover::new(&view, dir)?;
+        let s = Running {
+            version: RUNNING_VERSION,
             point: point.to_string(),
             at: at.to_path_buf(),
             pid: std::process::id() as i32,
             started: crate::model::fmt::rfc3339_now(),
         };
         let body = serde_json::to_vec_pretty(&s).map_err(Error::encode)?;
-        let sp = session_path(&r);
+        let sp = running_path(&r);
         crate::sys::write_atomic(&sp, &body).at(&sp)?;
         Ok::<_, Error>((lock, fs))
     })()
@@ -843,7 +843,7 @@ pub fn serve(
     let opts = Options {
         fsname: format!(
             "{}{}",
-            crate::fuse::mountinfo::CLONE_PREFIX,
+            crate::fuse::mountinfo::TEST_FAILOVER_PREFIX,
             r.root.display()
         ),
         read_only: false,
@@ -857,7 +857,7 @@ pub fn serve(
     ));
     // Throwaway: the clone's writes go with it.
     let _ = std::fs::remove_dir_all(overlay_dir(&r));
-    let _ = std::fs::remove_file(session_path(&r));
+    let _ = std::fs::remove_file(running_path(&r));
     if result.is_ok() {
         tracing::info!(
             "test failover at {} stopped; its writes discarded",
@@ -868,7 +868,7 @@ pub fn serve(
 }
 
 /// Stops the running test failover of `r` and discards it.
-pub fn stop(r: &crate::replica::posix::Replica) -> crate::error::Result<Session> {
+pub fn stop(r: &crate::replica::posix::Replica) -> crate::error::Result<Running> {
     let Some(s) = running(r) else {
         return Err(crate::error::Error::Invalid(format!(
             "no test failover of {} is running",

@@ -214,7 +214,7 @@ pub struct ReplicaStatus {
     pub latest_age_s: Option<f64>,
     pub oldest: Option<PointInfo>,
     /// The running test failover, if any.
-    pub test_failover: Option<crate::mounts::test_failover::Session>,
+    pub test_failover: Option<crate::mounts::test_failover::Running>,
 }
 
 pub fn replica(r: &Replica) -> Result<ReplicaStatus> {

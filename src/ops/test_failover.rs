@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{At, Error, Result};
 use crate::fuse::daemon;
-use crate::mounts::test_failover::{self as tf, Session};
+use crate::mounts::test_failover::{self as tf, Running};
 use crate::ops::{not_inside, outside};
 use crate::replica::posix::Replica;
 
 /// Stops the running test failover of `replica` and discards its writes.
-pub fn stop(replica: &Path) -> Result<Session> {
+pub fn stop(replica: &Path) -> Result<Running> {
     tf::stop(&Replica::open_only(replica)?)
 }
 
