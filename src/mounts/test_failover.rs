@@ -778,7 +778,6 @@ pub fn running(r: &crate::replica::posix::Replica) -> Option<Running> {
 /// Takes the replica's test-failover lock (held by the clone's daemon for its life).
 pub fn lock(r: &crate::replica::posix::Replica) -> crate::error::Result<File> {
     use crate::error::At;
-    use std::os::fd::AsRawFd;
     let p = r.sd.path("test-failover.lock");
     let f = OpenOptions::new()
         .create(true)
@@ -786,7 +785,7 @@ pub fn lock(r: &crate::replica::posix::Replica) -> crate::error::Result<File> {
         .write(true)
         .open(&p)
         .at(&p)?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if crate::sys::flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
         let at = running(r)
             .map(|s| format!(" at {} (point {})", s.at.display(), s.point))
             .unwrap_or_default();

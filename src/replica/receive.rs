@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{At, Class, Error, Result};
@@ -34,9 +33,7 @@ fn refuse<T>(message: impl Into<String>, recoverable: bool) -> Result<T> {
 /// Waits until no other receiver works on this replica (the lock goes with the process).
 fn lock(root: &Path) -> Result<File> {
     let dir = File::open(root).at(root)?;
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return refuse(format!("cannot lock replica {}", root.display()), true);
-    }
+    crate::sys::flock(&dir, libc::LOCK_EX).at(root)?;
     Ok(dir)
 }
 

@@ -6,7 +6,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -105,7 +104,7 @@ pub fn lock(sd: &StateDir) -> Result<File> {
         .write(true)
         .open(&p)
         .at(&p)?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if sys::flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
         let who = info(sd)
             .map(|r| format!(" (daemon pid {} at {})", r.pid, r.mountpoint.display()))
             .unwrap_or_default();
