@@ -1,13 +1,13 @@
 //! The library's error type, and the one rule that says whether a retry can help.
 //!
 //! Every failure that reaches an operator reads as one line: what went wrong and where.
-//! Each error has a `Class` (Azure Site Recovery's split): `Transient` when trying again
-//! later can succeed — the link to the replica broke, the receiver went away, a disk is
-//! full, something is busy — and `Operator` when it cannot until someone acts — the
-//! replica diverged or belongs to another store, a permission is missing, state is
-//! corrupt, the input cannot work. The daemon's schedule retries the first and stops on
-//! the second; `drfs ship` exits 1 or 2 by it; the receiver tells the sender which it was.
-//! The CLI wraps these in anyhow for context.
+//! Each error has a `Class` (Azure Site Recovery's split, and a usage class): `Transient`
+//! when trying again later can succeed — the link to the replica broke, the receiver went
+//! away, a disk is full, something is busy; `Operator` when it cannot until someone acts —
+//! the replica diverged or belongs to another store, a permission is missing, state is
+//! corrupt; `Usage` when the command itself is wrong — a bad option, a path that does not
+//! exist or is not a drfs store. The daemon's schedule retries only the first; every
+//! command exits 1, 2 or 64 by it (`cli`); the receiver tells the sender which it was.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub enum Class {
     Transient,
     Operator,
+    /// The command is wrong: it will not work as given.
+    Usage,
 }
 
 impl Class {
@@ -32,6 +34,25 @@ impl Class {
     pub fn is_transient(self) -> bool {
         self == Class::Transient
     }
+
+    /// The exit code of a command that failed so (README: exit codes): 1 a retry may fix
+    /// it, 2 it needs an operator, 64 (`EX_USAGE`) the command is wrong.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Class::Transient => 1,
+            Class::Operator => 2,
+            Class::Usage => 64,
+        }
+    }
+
+    /// The class a drfs process that exited with `code` failed with.
+    pub fn from_exit_code(code: Option<i32>) -> Class {
+        match code {
+            Some(2) => Class::Operator,
+            Some(64) => Class::Usage,
+            _ => Class::Transient,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +60,8 @@ pub enum Error {
     /// A system call failed on a path: the errno decides (`Io::class`).
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-    /// Input that cannot work: a path that is not a store, an option out of range.
+    /// A command that cannot work as given: a path that does not exist or is not a
+    /// store, an option out of range (usage).
     #[error("{0}")]
     Invalid(String),
     /// drfs's own state, or a replica's, is not what drfs wrote.
@@ -95,7 +117,8 @@ impl Error {
         match self {
             Error::Io { source, .. } => io_class(source),
             Error::Busy(_) | Error::Link(_) | Error::Hangup(_) => Class::Transient,
-            Error::Invalid(_) | Error::Corrupt { .. } => Class::Operator,
+            Error::Invalid(_) => Class::Usage,
+            Error::Corrupt { .. } => Class::Operator,
             Error::Refused { class, .. } => *class,
         }
     }
@@ -152,7 +175,7 @@ mod tests {
         assert_eq!(io(libc::EROFS).class(), Class::Operator);
         assert_eq!(Error::Link("gone".into()).class(), Class::Transient);
         assert_eq!(Error::Busy("locked".into()).class(), Class::Transient);
-        assert_eq!(Error::Invalid("no".into()).class(), Class::Operator);
+        assert_eq!(Error::Invalid("no".into()).class(), Class::Usage);
         assert_eq!(
             Error::corrupt(Path::new("/x"), "bad").class(),
             Class::Operator

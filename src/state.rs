@@ -63,6 +63,41 @@ pub struct Replication {
     pub group: Group,
     /// The replica's own id, learned when it was bound to this store.
     pub replica_id: String,
+    /// With a manual interval: how often `drfs ship` is expected to run, for the lag
+    /// alarms (none: no alarm can tell that cron stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_every: Option<Interval>,
+    /// Cycles are paused (`drfs pause`): changes are tracked, nothing ships.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Pause>,
+}
+
+/// `[replication.paused]`: since when, and until when (none: until `drfs resume`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pause {
+    pub since: String,
+    pub since_ns: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ns: Option<i64>,
+}
+
+impl Replication {
+    /// The pause in force at `now_ns`, if any (one whose end has passed is over).
+    pub fn paused_at(&self, now_ns: i64) -> Option<&Pause> {
+        self.paused
+            .as_ref()
+            .filter(|p| p.until_ns.is_none_or(|u| now_ns < u))
+    }
+
+    /// The time between cycles the lag alarms go by: the interval, or the cadence a
+    /// manual (cron) schedule is expected to keep.
+    pub fn cadence(&self) -> Option<std::time::Duration> {
+        self.interval
+            .every()
+            .or_else(|| self.expect_every.and_then(|e| e.every()))
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -54,7 +54,7 @@ fn bad_mount_arguments_get_one_line_errors() {
         "--threads",
     );
     let out = run(&[os("mount"), s, m, os("--bogus")]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64), "a usage error");
     fails(out, "--bogus");
     fails(run(&[os("frobnicate")]), "frobnicate");
     assert!(!is_mounted(&f.mnt));
@@ -315,4 +315,379 @@ fn replication_commands_reject_bad_input() {
         "inside the replica",
     );
     assert!(!dest.exists());
+}
+
+/// The bytes of every file below `dir` (not `.drfs`), by path.
+fn contents(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().is_some_and(|n| n == ".drfs") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn last_cycle(f: &Fixture) -> serde_json::Value {
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.s(".drfs/cycle.json")).unwrap()).unwrap();
+    st["last"].clone()
+}
+
+fn code(out: &std::process::Output) -> Option<i32> {
+    out.status.code()
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn protect_refuses_a_directory_that_holds_files_and_seed_uses_them() {
+    let f = Fixture::new("seed");
+    f.mount(&[]);
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64k count=16 status=none",
+        f.m("disk.img").display()
+    ));
+    let rep = f.root.join("replica");
+    fs::create_dir(&rep).unwrap();
+    fs::write(rep.join("unrelated.txt"), b"not drfs's business").unwrap();
+    // A copy of the disk, two blocks of which are out of date.
+    let mut copy = fs::read(f.m("disk.img")).unwrap();
+    copy[65536..65536 + 10].fill(0xaa);
+    copy[5 * 65536..5 * 65536 + 10].fill(0xbb);
+    fs::write(rep.join("disk.img"), &copy).unwrap();
+    let before = contents(&rep);
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&rep)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(2));
+    fails(out, "--seed");
+    assert_eq!(
+        contents(&rep),
+        before,
+        "a refused protect changed the directory"
+    );
+    assert!(!rep.join(".drfs").exists());
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&rep)
+        .args(["--seed", "--interval", "manual"]));
+    ok(drfs().arg("ship").arg(&f.store));
+    let data = last_cycle(&f)["data_bytes"].as_u64().unwrap();
+    assert_eq!(data, 2 * 65536, "only the two differing blocks travel");
+    assert_eq!(
+        fs::read(rep.join("disk.img")).unwrap(),
+        fs::read(f.s("disk.img")).unwrap()
+    );
+    assert_eq!(
+        fs::read(rep.join("unrelated.txt")).unwrap(),
+        b"not drfs's business"
+    );
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn settings_change_one_at_a_time_and_a_rebind_is_asked_for() {
+    let f = Fixture::new("settings");
+    let (r1, r2) = (f.root.join("r1"), f.root.join("r2"));
+    fs::create_dir(&r1).unwrap();
+    fs::create_dir(&r2).unwrap();
+    let show =
+        || String::from_utf8(ok(drfs().arg("protect").arg(&f.store).arg("--show")).stdout).unwrap();
+    let out = drfs().arg("protect").arg(&f.store).output().unwrap();
+    assert_eq!(code(&out), Some(64));
+    fails(out, "--to");
+    f.mount(&[]);
+    fs::write(f.m("a.img"), b"a").unwrap();
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&r1)
+        .args(["--interval", "manual", "--keep", "daily:30d,last:3"]));
+    ok(drfs().arg("ship").arg(&f.store));
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--interval", "5m"]));
+    let s = show();
+    assert!(
+        s.contains("every 5m") && s.contains("daily:30d,last:3"),
+        "{s}"
+    );
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&r2)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(64));
+    fails(out, "--rebind");
+    assert!(show().contains(r1.to_str().unwrap()));
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&r2)
+        .arg("--rebind"));
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("status").arg(&f.store).arg("--json")).stdout)
+            .unwrap();
+    assert_eq!(st["replica"], r2.to_str().unwrap(), "{st:#}");
+    assert!(
+        st["last_point"].is_null(),
+        "the old replica's point is not current: {st:#}"
+    );
+    let log = fs::read_to_string(f.s(".drfs/daemon.log")).unwrap();
+    assert!(log.contains("interval manual -> 5m"), "{log}");
+    assert!(log.contains("replica "), "{log}");
+    ok(drfs().arg("unprotect").arg(&f.store));
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(drfs().arg("status").arg(&f.store).arg("--json")).stdout)
+            .unwrap();
+    assert_eq!(st["state"], "not protected");
+    assert!(
+        r1.join("a.img").exists() && r1.join(".drfs").exists(),
+        "r1 is left intact"
+    );
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_paused_store_tracks_but_does_not_ship_until_resumed() {
+    let f = Fixture::new("pause");
+    let rep = f.root.join("replica");
+    fs::create_dir(&rep).unwrap();
+    f.mount(&[]);
+    fs::write(f.m("a.img"), vec![1u8; 100_000]).unwrap();
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&rep)
+        .args(["--interval", "manual"]));
+    ok(drfs().arg("ship").arg(&f.store));
+    ok(drfs().arg("pause").arg(&f.store));
+    fs::write(f.m("a.img"), vec![2u8; 100_000]).unwrap();
+    let out = drfs().arg("ship").arg(&f.store).output().unwrap();
+    assert_eq!(
+        code(&out),
+        Some(1),
+        "a cycle while paused is refused, retry later"
+    );
+    fails(out, "paused");
+    let points = || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ok(drfs().arg("points").arg(&rep).arg("--json")).stdout)
+                .unwrap();
+        v.as_array().unwrap().len()
+    };
+    assert_eq!(points(), 1, "nothing shipped while paused");
+    let text = String::from_utf8(ok(drfs().arg("status").arg(&f.store)).stdout).unwrap();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains("paused since"), "{text}");
+    ok(drfs().arg("resume").arg(&f.store));
+    ok(drfs().arg("ship").arg(&f.store));
+    assert_eq!(points(), 2);
+    assert_eq!(fs::read(rep.join("a.img")).unwrap(), vec![2u8; 100_000]);
+    // A pause for a while ends by itself.
+    ok(drfs().arg("pause").arg(&f.store).args(["--for", "1s"]));
+    assert_eq!(
+        code(&drfs().arg("ship").arg(&f.store).output().unwrap()),
+        Some(1)
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    ok(drfs().arg("ship").arg(&f.store));
+    let log = fs::read_to_string(f.s(".drfs/daemon.log")).unwrap();
+    assert!(
+        log.contains("paused until drfs resume") && log.contains("resumed"),
+        "{log}"
+    );
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn every_command_exits_by_the_class_of_its_failure() {
+    let f = Fixture::new("codes");
+    let rep = f.root.join("replica");
+    fs::create_dir(&rep).unwrap();
+    let plain = f.root.join("plain");
+    fs::create_dir(&plain).unwrap();
+    let nope = f.root.join("nope");
+    let (s, n, p) = (f.store.as_os_str(), nope.as_os_str(), plain.as_os_str());
+    let usage: Vec<(Vec<&std::ffi::OsStr>, &str)> = vec![
+        (vec![os("mount")], "<STORE>"),
+        (vec![os("mount"), s], "<MOUNTPOINT>"),
+        (vec![os("frobnicate")], "frobnicate"),
+        (vec![os("ship"), s, os("--bogus")], "--bogus"),
+        (vec![os("ship"), n], "nope"),
+        (vec![os("ship"), p], "not a drfs store"),
+        (vec![os("status"), n], "nope"),
+        (vec![os("points"), n], "nope"),
+        (vec![os("points"), p], "not a drfs replica"),
+        (vec![os("changes"), p], "not a drfs store"),
+        (vec![os("unmount"), f.mnt.as_os_str()], "not mounted"),
+        (vec![os("protect"), p], "--to"),
+        (vec![os("protect"), p, os("--to"), n], "nope"),
+        (vec![os("pause"), p], "not a drfs store"),
+    ];
+    for (args, needle) in &usage {
+        let out = run(args);
+        assert_eq!(
+            code(&out),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fails(out, needle);
+    }
+    let out = drfs().output().unwrap();
+    assert_eq!(code(&out), Some(64), "no arguments");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
+    f.mount(&[]);
+    fs::write(f.m("a.img"), b"x").unwrap();
+    // Needs an operator: an unprotected store cannot ship; a directory that holds files.
+    let out = run(&[os("ship"), s]);
+    assert_eq!(code(&out), Some(2));
+    fails(out, "not protected");
+    let out = run(&[os("protect"), s, os("--to"), p]);
+    assert_eq!(code(&out), Some(0), "an empty directory is a replica to be");
+    let out = run(&[os("changes"), s, os("no/such/path")]);
+    assert_eq!(code(&out), Some(64));
+    fails(out, "is not in store");
+    ok(drfs().arg("ship").arg(&f.store));
+    let out = run(&[
+        os("restore"),
+        p,
+        os("--point"),
+        os("00000001"),
+        os("--to"),
+        f.root.join("no/such/dir/x").as_os_str(),
+    ]);
+    assert_eq!(code(&out), Some(64));
+    fails(out, "--parents");
+    assert!(!f.root.join("no").exists());
+    ok(drfs()
+        .arg("restore")
+        .arg(&plain)
+        .args(["--point", "00000001", "--parents", "--to"])
+        .arg(f.root.join("no/such/dir/x")));
+    assert_eq!(fs::read(f.root.join("no/such/dir/x/a.img")).unwrap(), b"x");
+    // A retry may fix it: a paused store's cycle.
+    ok(drfs().arg("pause").arg(&f.store));
+    assert_eq!(code(&run(&[os("ship"), s])), Some(1));
+    ok(drfs().arg("resume").arg(&f.store));
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn status_says_what_the_store_is_doing() {
+    let f = Fixture::new("truth");
+    let rep = f.root.join("replica");
+    fs::create_dir(&rep).unwrap();
+    f.mount(&[]);
+    fs::write(f.m("b.img"), b"b").unwrap();
+    fs::write(f.m("a.img"), b"a").unwrap();
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&rep)
+        .args(["--interval", "manual", "--expect-every", "2s"]));
+    ok(drfs().arg("ship").arg(&f.store));
+    let status = || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ok(drfs().arg("status").arg(&f.store).arg("--json")).stdout)
+                .unwrap();
+        v
+    };
+    let st = status();
+    assert_eq!(st["health"], "normal", "{st:#}");
+    assert!(st["daemon_pid"].as_i64().is_some(), "{st:#}");
+    let paths: Vec<&str> = st["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["a.img", "b.img"], "files sorted by path");
+    let text = String::from_utf8(ok(drfs().arg("status").arg(&f.store)).stdout).unwrap();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        text.contains("manually (drfs ship, expected every 2s)"),
+        "{text}"
+    );
+    assert!(text.contains("daemon pid"), "{text}");
+    // The cron job stopped: the newest point ages past 3 and then 12 cadences (at
+    // least an hour).
+    let age = |secs: i64| {
+        let p = f.s(".drfs/cycle.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        v["point_time_ns"] = serde_json::json!(now - secs * 1_000_000_000);
+        fs::write(&p, v.to_string()).unwrap();
+    };
+    age(10);
+    assert_eq!(status()["health"], "warning");
+    age(7200);
+    let st = status();
+    assert_eq!(st["health"], "critical", "{st:#}");
+    f.unmount();
+    // Protected and not mounted: nothing ships.
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--interval", "30s"]));
+    let st = status();
+    assert!(
+        st["state"].as_str().unwrap().starts_with("not mounted"),
+        "{st:#}"
+    );
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn the_daemon_is_called_drfs() {
+    let f = Fixture::new("name");
+    f.mount(&[]);
+    let run: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.s(".drfs/run.json")).unwrap()).unwrap();
+    let pid = run["pid"].as_i64().unwrap().to_string();
+    let out = Command::new("pgrep").args(["-x", "drfs"]).output().unwrap();
+    let pids = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        pids.lines().any(|l| l == pid),
+        "pgrep -x drfs: {pids:?}, daemon {pid}"
+    );
+    let args = Command::new("ps")
+        .args(["-o", "args=", "-p", &pid])
+        .output()
+        .unwrap();
+    let args = String::from_utf8_lossy(&args.stdout);
+    assert!(args.starts_with("drfs mount"), "{args}");
+    f.unmount();
 }

@@ -65,6 +65,8 @@ fn stream(blocks: &[Block], m: Manifest) -> Vec<u8> {
         block_size: BS,
         init: true,
         keep: "all:1h".into(),
+        // The planted-symlink case binds a directory that holds something.
+        seed: true,
     })
     .unwrap();
     w.msg(&Msg::Begin {

@@ -160,6 +160,7 @@ fn hello(keep: &str) -> Hello<'_> {
         store_id: STORE,
         block_size: BS,
         keep,
+        seed: false,
     }
 }
 
@@ -296,6 +297,7 @@ fn cycles_from_a_source_become_points_that_read_back_exactly() {
             path: None,
             to: &out,
             force: false,
+            parents: false,
             progress: None,
         },
     )
@@ -385,6 +387,7 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
         store_id: "00000000deadbeef",
         block_size: BS,
         keep: "all:1h",
+        seed: false,
     };
     let e = session::hello(&mut c.w, &mut c.r, &other, false).unwrap_err();
     assert_eq!(e.class(), Class::Operator, "{e}");

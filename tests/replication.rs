@@ -352,7 +352,7 @@ fn a_store_and_replica_of_an_older_drfs_mount_ship_and_browse() {
         .arg(&f.store)
         .arg("--to")
         .arg(&replica)
-        .args(["--interval", "manual", "--keep", "all:3650d"]));
+        .arg("--rebind"));
     f.mount(&[]);
     assert_eq!(fs::read(f.m("vm1/disk.raw")).unwrap(), disk2);
     let file = fs::OpenOptions::new()

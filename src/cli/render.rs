@@ -7,46 +7,84 @@ use crate::model::fmt::human;
 use crate::obs::changes::Changes;
 use crate::obs::status::{ReplicaStatus, StoreStatus};
 
+/// Lines of at most `width` characters, the first after `head`, the rest indented under it.
+fn wrapped(head: &str, text: &str, width: usize) -> String {
+    let indent = " ".repeat(head.len());
+    let mut out = String::new();
+    let mut line = head.to_string();
+    for word in text.split(' ') {
+        if line.len() > head.len() && line.len() + 1 + word.len() > width {
+            out += line.trim_end();
+            out.push('\n');
+            line = indent.clone();
+        } else if line.len() > head.len() {
+            line.push(' ');
+        }
+        line += word;
+    }
+    out += line.trim_end();
+    out.push('\n');
+    out
+}
+
+/// How often a store replicates, from its status.
+fn cadence(s: &StoreStatus) -> String {
+    match (s.interval.as_deref(), s.expect_every.as_deref()) {
+        (Some("manual"), Some(e)) => format!("manually (drfs ship, expected every {e})"),
+        (Some("manual"), None) => "manually (drfs ship; no expected cadence)".into(),
+        (Some(i), _) => format!("every {i}"),
+        (None, _) => "?".into(),
+    }
+}
+
 pub fn store(s: &StoreStatus) -> String {
     let mut o = format!("store     {}\n", s.path);
-    o += &format!("health    {:?}{}\n", s.health, reasons(&s.reasons));
-    o += &format!(
-        "state     {}{}\n",
-        s.state,
-        if s.mounted { " (mounted)" } else { "" }
-    );
+    o += &format!("health    {:?}\n", s.health);
+    for r in &s.reasons {
+        o += &wrapped("  - ", r, 88);
+    }
+    let daemon = match s.daemon_pid {
+        Some(pid) => format!(" (mounted, daemon pid {pid})"),
+        None if s.mounted => " (mounted)".into(),
+        None => String::new(),
+    };
+    o += &wrapped("state     ", &format!("{}{daemon}", s.state), 88);
     if let Some(r) = &s.replica {
+        o += &format!("replica   {r}, {}\n", cadence(s));
         o += &format!(
-            "replica   {} every {}\n",
-            r,
-            s.interval.as_deref().unwrap_or("?")
+            "keep      {} (group {})\n",
+            s.keep.as_deref().unwrap_or("?"),
+            s.group.as_deref().unwrap_or("?")
         );
     }
     if let Some(p) = &s.last_point {
         o += &format!(
-            "point     {} at {} ({:.1} s ago)\n",
+            "point     {} at {} ({} ago)\n",
             p,
             s.last_point_time.as_deref().unwrap_or("?"),
-            s.rpo_lag_s.unwrap_or(0.0)
+            crate::obs::status::age(s.rpo_lag_s.unwrap_or(0.0))
         );
     }
     o += &format!("pending   {}\n", human(s.pending_bytes));
     if let Some(c) = &s.last_cycle {
-        o += &format!(
-            "last      {} at {}: {} ms, {} sent, cut pause {} us{}\n",
+        let line = format!(
+            "{} at {}: {} ms, {} sent, cut pause {} us{}",
             if c.ok { "cycle" } else { "failed cycle" },
             c.time,
             c.duration_ms,
             human(c.bytes),
             c.pause_us,
+            // Said once: a reason above may already be this error.
             c.error
                 .as_ref()
+                .filter(|e| !s.reasons.iter().any(|r| r.contains(e.as_str())))
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
+        o += &wrapped("last      ", &line, 88);
     }
     if let Some(r) = &s.last_recovery {
-        o += &format!("crash     {} ({})\n", r.summary(), r.time);
+        o += &wrapped("crash     ", &format!("{} ({})", r.summary(), r.time), 88);
     }
     o += &format!(
         "\n{:<40} {:<8} {:>12} {}\n",
@@ -66,7 +104,10 @@ pub fn store(s: &StoreStatus) -> String {
 
 pub fn replica(s: &ReplicaStatus) -> String {
     let mut o = format!("replica   {}\n", s.path);
-    o += &format!("health    {:?}{}\n", s.health, reasons(&s.reasons));
+    o += &format!("health    {:?}\n", s.health);
+    for r in &s.reasons {
+        o += &wrapped("  - ", r, 88);
+    }
     o += &format!("source    {}\n", s.source.as_deref().unwrap_or("?"));
     o += &format!("keep      {}\n", s.keep);
     o += &format!("points    {}\n", s.points);
@@ -91,14 +132,6 @@ pub fn replica(s: &ReplicaStatus) -> String {
         );
     }
     o
-}
-
-fn reasons(r: &[String]) -> String {
-    if r.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", r.join("; "))
-    }
 }
 
 pub fn changes(c: &Changes) -> String {
@@ -186,5 +219,22 @@ pub fn ship(r: &ShipReply) {
             "needs an operator"
         };
         eprintln!("drfs: cycle failed ({kind}): {}", r.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_wrap_under_their_heading() {
+        let text = "replication stopped: replica: the replica is at generation 7 but this store last shipped 5: the copies have diverged";
+        let out = wrapped("  - ", text, 40);
+        assert!(out.lines().all(|l| l.len() <= 40), "{out}");
+        assert!(out.lines().skip(1).all(|l| l.starts_with("    ")), "{out}");
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>().join(" "),
+            format!("- {text}")
+        );
     }
 }

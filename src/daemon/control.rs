@@ -23,7 +23,12 @@ pub enum Request {
         consistency: Option<Consistency>,
     },
     Status,
+    /// The settings changed: look again.
     Poke,
+    /// The settings changed (`line` says how): log it, and look again.
+    Note {
+        line: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +116,11 @@ fn answer(
         }
         Ok(Request::Status) => status(),
         Ok(Request::Poke) => {
+            sched.poke();
+            serde_json::json!({"ok": true})
+        }
+        Ok(Request::Note { line }) => {
+            tracing::info!("{line}");
             sched.poke();
             serde_json::json!({"ok": true})
         }

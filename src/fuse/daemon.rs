@@ -30,6 +30,8 @@ pub fn spawn(args: &[OsString], log: &Path) -> Result<()> {
     let mut read_end = unsafe { File::from_raw_fd(fds[0]) };
     let write_end = unsafe { File::from_raw_fd(fds[1]) };
     let mut cmd = std::process::Command::new("/proc/self/exe");
+    // Named drfs in `ps` (its comm is set at start, `cli::main`).
+    std::os::unix::process::CommandExt::arg0(&mut cmd, "drfs");
     cmd.args(args)
         .env("DRFS_READY_FD", fds[1].to_string())
         .stdin(std::process::Stdio::null())

@@ -110,10 +110,19 @@ pub fn collect(store: &Path, path: Option<&Path>) -> Result<Changes> {
         });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    let log = changelog::read_all(&sd.path("log"))?
+    let log: Vec<Record> = changelog::read_all(&sd.path("log"))?
         .into_iter()
         .filter(|r| only.is_none() || op_paths(&r.op).into_iter().any(wanted))
         .collect();
+    if let Some(o) = &only {
+        if files.is_empty() && log.is_empty() && std::fs::symlink_metadata(o.under(&store)).is_err()
+        {
+            return Err(Error::Invalid(format!(
+                "{o} is not in store {} (nothing there is, or was, tracked)",
+                store.display()
+            )));
+        }
+    }
     Ok(Changes {
         block_size: cfg.block_size,
         files,

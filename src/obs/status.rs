@@ -7,7 +7,9 @@
 //!   older than max(1 hour, 12 × interval).
 //! - **Warning**: the last cycle failed; more than 20 % of the last hour's cycles failed;
 //!   the newest point is older than 3 × interval; no point yet; initial replication or a
-//!   resync is pending for some file. (With `--interval manual` there is no lag rule.)
+//!   resync is pending for some file. With `--interval manual` the lag rules use the
+//!   expected cadence (`--expect-every`); without one there is no lag rule. While cycles
+//!   are paused, a point older than 3 × interval is a Warning, never Critical.
 //! - **Normal**: otherwise (and a store that is not protected).
 //!
 //! Replica health: Warning while it has no point yet or an apply was interrupted (it
@@ -51,6 +53,19 @@ pub struct StoreStatus {
     pub protected: bool,
     pub replica: Option<String>,
     pub interval: Option<String>,
+    /// With a manual interval: the cadence `drfs ship` is expected to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_every: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Cycles are paused (`drfs pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<crate::state::Pause>,
+    /// The daemon's process, while the store is mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_pid: Option<i32>,
     pub state: String,
     pub health: Health,
     pub reasons: Vec<String>,
@@ -92,7 +107,8 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
     };
     let now = sys::now_ns() as i64;
     let rep = cfg.replication.clone();
-    let interval = rep.as_ref().and_then(|r| r.interval.every());
+    let cadence = rep.as_ref().and_then(|r| r.cadence());
+    let paused = rep.as_ref().and_then(|r| r.paused_at(now)).cloned();
     let lag = st.point_time_ns.map(|t| (now - t) as f64 / 1e9);
     let hour_ago = now - 3_600_000_000_000;
     let recent: Vec<bool> = st
@@ -113,17 +129,18 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         if let Some(c) = &st.critical {
             raise(Health::Critical, format!("replication stopped: {c}"));
         }
-        // The lag rules need an interval: a manual (cron) schedule has none.
-        if let Some(iv) = interval {
+        // The lag rules need a cadence: an interval, or a manual schedule's expected one.
+        if let Some(iv) = cadence {
             let crit_lag = Duration::from_secs(3600).max(iv * 12).as_secs_f64();
             let warn_lag = (iv * 3).as_secs_f64();
-            match lag {
-                Some(l) if l > crit_lag => {
-                    raise(Health::Critical, format!("newest point is {l:.0} s old"))
-                }
-                Some(l) if l > warn_lag => {
-                    raise(Health::Warning, format!("newest point is {l:.0} s old"))
-                }
+            let old = |l: f64| format!("newest point is {} old", age(l));
+            match (lag, &paused) {
+                (Some(l), Some(p)) if l > warn_lag => raise(
+                    Health::Warning,
+                    format!("{}; cycles are paused since {}", old(l), p.since),
+                ),
+                (Some(l), None) if l > crit_lag => raise(Health::Critical, old(l)),
+                (Some(l), None) if l > warn_lag => raise(Health::Warning, old(l)),
                 _ => {}
             }
         }
@@ -151,17 +168,13 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         if resyncing > 0 {
             raise(
                 Health::Warning,
-                format!("{resyncing} file(s) wait for a full resync"),
+                format!("{} a full resync", plural_wait(resyncing)),
             );
         }
     }
-    let state = match (&rep, &st) {
-        (None, _) => "not protected",
-        (Some(_), s) if s.critical.is_some() => "stopped",
-        (Some(_), s) if s.point.is_none() => "initial replication",
-        _ if resyncing > 0 => "resync pending",
-        _ => "replicating",
-    };
+    let state = state(rep.as_ref(), &st, mounted, paused.as_ref(), resyncing);
+    let mut pending = pending;
+    pending.sort_by(|a, b| a.1.cmp(&b.1));
     let files = pending
         .iter()
         .map(|(id, path, bytes, resync)| FileStatus {
@@ -183,7 +196,14 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         protected: rep.is_some(),
         replica: rep.as_ref().map(|r| r.target.to_string()),
         interval: rep.as_ref().map(|r| r.interval.to_string()),
-        state: state.into(),
+        expect_every: rep
+            .as_ref()
+            .and_then(|r| r.expect_every.map(|e| e.to_string())),
+        keep: rep.as_ref().map(|r| r.keep.clone()),
+        group: rep.as_ref().map(|r| r.group.to_string()),
+        paused,
+        daemon_pid: live.map(|_| std::process::id() as i32),
+        state,
         health,
         reasons,
         last_point: st.point.clone(),
@@ -215,6 +235,70 @@ pub struct ReplicaStatus {
     pub oldest: Option<PointInfo>,
     /// The running test failover, if any.
     pub test_failover: Option<crate::mounts::test_failover::Running>,
+}
+
+/// "1 file waits for", "3 files wait for".
+fn plural_wait(n: usize) -> String {
+    if n == 1 {
+        "1 file waits for".into()
+    } else {
+        format!("{n} files wait for")
+    }
+}
+
+/// An age in the unit that reads best: `42 s`, `17 min`, `3.5 h`, `2.0 d`.
+pub fn age(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.0} min", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else {
+        format!("{:.1} d", s / 86400.0)
+    }
+}
+
+/// What the store is doing, in words.
+fn state(
+    rep: Option<&crate::state::Replication>,
+    st: &CycleState,
+    mounted: bool,
+    paused: Option<&crate::state::Pause>,
+    resyncing: usize,
+) -> String {
+    let Some(rep) = rep else {
+        return "not protected".into();
+    };
+    if st.critical.is_some() {
+        return "stopped (an operator must act: see the reasons)".into();
+    }
+    if let Some(p) = paused {
+        let until = p
+            .until
+            .as_deref()
+            .map_or("drfs resume".to_string(), |u| u.to_string());
+        return format!(
+            "paused since {} (until {until}); changes are tracked",
+            p.since
+        );
+    }
+    let manual = rep.interval == crate::model::Interval::Manual;
+    if !mounted && !manual {
+        return "not mounted: nothing ships until it is mounted, or drfs ship runs (cron)".into();
+    }
+    let doing = if st.point.is_none() {
+        "initial replication"
+    } else if resyncing > 0 {
+        "resync pending"
+    } else {
+        "replicating"
+    };
+    if manual {
+        format!("{doing}, when drfs ship runs")
+    } else {
+        doing.into()
+    }
 }
 
 pub fn replica(r: &Replica) -> Result<ReplicaStatus> {

@@ -12,8 +12,9 @@ pub mod test_failover;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{At, Error, Result};
 use crate::replica::posix::Replica;
+use crate::state::StateDir;
 
 /// Checks that a mountpoint is usable and outside the replica.
 fn outside(r: &Replica, p: &Path, what: &str) -> Result<PathBuf> {
@@ -32,4 +33,24 @@ fn not_inside(r: &Replica, abs: &Path, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Tells the store's daemon that its settings changed, with `line` for its log; with no
+/// daemon running, the line goes straight into the log. Whether a daemon answered.
+pub fn note(sd: &StateDir, store_id: &str, line: &str) -> Result<bool> {
+    let req = crate::daemon::control::Request::Note {
+        line: line.to_string(),
+    };
+    if crate::daemon::control::call(store_id, &req)?.is_some() {
+        return Ok(true);
+    }
+    use std::io::Write;
+    let p = crate::daemon::log_path(sd);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .at(&p)?;
+    writeln!(f, "{} drfs: {line}", crate::model::fmt::rfc3339_now()).at(&p)?;
+    Ok(false)
 }

@@ -1,41 +1,63 @@
-//! `drfs protect`: checks the settings, binds the replica to the store (an empty directory
-//! becomes its replica; an existing one must already be this store's), and records where
-//! and how the store replicates in its `state.toml`. Rebinding to another replica forgets
-//! the old one's cycle state.
+//! `drfs protect`, `unprotect`, `pause` and `resume`: a store's replication settings, one
+//! at a time. The first `protect` binds the replica (an empty directory, or with `--seed`
+//! one whose files seed it; an existing replica must already be this store's); later ones
+//! change only what they name. Moving to another replica takes `--rebind` and forgets the
+//! old one's cycle state (the old replica keeps its points). `unprotect` forgets the
+//! binding and leaves the replica as it is. `pause` stops cycles (changes are still
+//! tracked and ship after `resume`). Each returns what changed, in words, for the caller
+//! to print and log.
 
 use std::path::Path;
 
 use crate::error::{At, Error, Result};
-use crate::model::retention::Policy;
+use crate::model::fmt::rfc3339_ns;
+use crate::model::retention::{self, Policy};
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
-use crate::state::{Replication, StateDir};
+use crate::state::{Config, Pause, Replication, StateDir};
 
-/// The settings `drfs protect` records.
+/// What `drfs protect` sets; what is left out keeps its value (or its default, the first
+/// time).
+#[derive(Default)]
 pub struct Protect<'a> {
-    pub store: &'a Path,
-    pub to: &'a str,
-    pub interval: &'a str,
-    pub keep: &'a str,
-    pub group: &'a str,
+    pub to: Option<&'a str>,
+    pub interval: Option<&'a str>,
+    pub expect_every: Option<&'a str>,
+    pub keep: Option<&'a str>,
+    pub group: Option<&'a str>,
+    /// The replica's directory may already hold files: they seed it.
+    pub seed: bool,
+    /// The store may move to another replica than the one it replicates to.
+    pub rebind: bool,
 }
 
-/// Protects the store; returns the settings now in force.
-pub fn protect(p: &Protect<'_>) -> Result<Replication> {
-    let interval: Interval = p.interval.parse().map_err(Error::Invalid)?;
-    Policy::parse(p.keep).map_err(Error::Invalid)?;
-    let group: Group = p.group.parse().map_err(Error::Invalid)?;
-    let target: Target = p.to.parse().map_err(Error::Invalid)?;
-    let store = p
-        .store
+/// The interval a first `protect` takes when none is given.
+pub const DEFAULT_INTERVAL: &str = "30s";
+
+/// The settings in force after a change, and the change in words.
+pub struct Changed {
+    pub rep: Replication,
+    pub what: Vec<String>,
+    /// Warnings about the settings (a manual schedule with no expected cadence).
+    pub warnings: Vec<String>,
+}
+
+fn store_dir(store: &Path) -> Result<StateDir> {
+    let store = store
         .canonicalize()
-        .map_err(|e| Error::Invalid(format!("store {}: {e}", p.store.display())))?;
+        .map_err(|e| Error::Invalid(format!("store {}: {e}", store.display())))?;
     if !store.is_dir() {
         return Err(Error::Invalid(format!(
             "store {} is not a directory",
             store.display()
         )));
     }
+    Ok(StateDir::new(&store))
+}
+
+/// An existing directory for the replica, outside the store.
+fn replica_dir(to: &str, store: &Path) -> Result<Target> {
+    let target: Target = to.parse().map_err(Error::Invalid)?;
     let dir = target.local().map_err(Error::Invalid)?;
     let replica = dir
         .canonicalize()
@@ -46,39 +68,244 @@ pub fn protect(p: &Protect<'_>) -> Result<Replication> {
             replica.display()
         )));
     }
-    if replica.starts_with(&store) || store.starts_with(&replica) {
+    if replica.starts_with(store) || store.starts_with(&replica) {
         return Err(Error::Invalid(format!(
             "store {} and replica {} must not contain each other",
             store.display(),
             replica.display()
         )));
     }
-    let target = Target::Local(replica);
-    let (sd, mut cfg) = StateDir::open_or_init(&store, None)?;
-    let hello = Hello {
-        store_id: &cfg.store_id,
-        block_size: cfg.block_size,
-        keep: p.keep,
+    Ok(Target::Local(replica))
+}
+
+/// Protects a store, or changes the settings it replicates with.
+pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
+    let sd = store_dir(store)?;
+    let old = if sd.exists() {
+        sd.config()?.replication
+    } else {
+        None
     };
-    let replica_id = session::bind(&target, &hello)?;
+    let target = match (p.to, &old) {
+        (Some(to), _) => replica_dir(to, sd.store())?,
+        (None, Some(r)) => r.target.clone(),
+        (None, None) => {
+            return Err(Error::Invalid(format!(
+                "{} is not protected yet: give --to REPLICA",
+                sd.store().display()
+            )));
+        }
+    };
+    let moved = old.as_ref().is_some_and(|r| r.target != target);
+    if moved && !p.rebind {
+        let r = old
+            .as_ref()
+            .map(|r| r.target.to_string())
+            .unwrap_or_default();
+        return Err(Error::Invalid(format!(
+            "{} replicates to {r}; to move it to {target}, add --rebind ({r} keeps its points and receives no more cycles)",
+            sd.store().display()
+        )));
+    }
+    let interval: Interval = match (p.interval, &old) {
+        (Some(i), _) => i.parse().map_err(Error::Invalid)?,
+        (None, Some(r)) => r.interval,
+        (None, None) => DEFAULT_INTERVAL.parse().map_err(Error::Invalid)?,
+    };
+    let expect_every = match (p.expect_every, &old) {
+        (Some(e), _) => Some(parse_expect(e, interval)?),
+        (None, Some(r)) if interval == Interval::Manual => r.expect_every,
+        _ => None,
+    };
+    let keep = match (p.keep, &old) {
+        (Some(k), _) => {
+            Policy::parse(k).map_err(Error::Invalid)?;
+            k.to_string()
+        }
+        (None, Some(r)) => r.keep.clone(),
+        (None, None) => retention::DEFAULT.to_string(),
+    };
+    let group: Group = match (p.group, &old) {
+        (Some(g), _) => g.parse().map_err(Error::Invalid)?,
+        (None, Some(r)) => r.group,
+        (None, None) => Group::default(),
+    };
+    let (sd, mut cfg) = StateDir::open_or_init(sd.store(), None)?;
+    // The replica learns its store, and its retention policy, when it is bound.
+    let bind = old.is_none() || moved || p.to.is_some() || p.keep.is_some();
+    let replica_id = if bind {
+        let hello = Hello {
+            store_id: &cfg.store_id,
+            block_size: cfg.block_size,
+            keep: &keep,
+            seed: p.seed,
+        };
+        session::bind(&target, &hello)?
+    } else {
+        old.as_ref()
+            .map(|r| r.replica_id.clone())
+            .unwrap_or_default()
+    };
     let rep = Replication {
         target,
         interval,
-        keep: p.keep.to_string(),
+        keep,
         group,
-        replica_id: replica_id.clone(),
+        replica_id,
+        expect_every,
+        paused: old.as_ref().and_then(|r| r.paused.clone()),
     };
-    if cfg
-        .replication
-        .as_ref()
-        .is_none_or(|r| r.replica_id != replica_id)
-    {
-        let p = sd.path("cycle.json");
-        if p.exists() {
-            std::fs::remove_file(&p).at(&p)?;
-        }
+    let what = changes(old.as_ref(), &rep);
+    if old.as_ref().is_none_or(|r| r.replica_id != rep.replica_id) {
+        forget_cycles(&sd)?;
     }
     cfg.replication = Some(rep.clone());
     sd.write_config(&cfg)?;
-    Ok(rep)
+    let mut warnings = Vec::new();
+    if rep.interval == Interval::Manual && rep.expect_every.is_none() {
+        warnings.push(
+            "with --interval manual and no --expect-every, no lag alarm can tell that the cron job stopped".to_string(),
+        );
+    }
+    Ok(Changed {
+        rep,
+        what,
+        warnings,
+    })
+}
+
+fn parse_expect(e: &str, interval: Interval) -> Result<Interval> {
+    if interval != Interval::Manual {
+        return Err(Error::Invalid(
+            "--expect-every is for --interval manual (a fixed interval is its own cadence)".into(),
+        ));
+    }
+    match e.parse().map_err(Error::Invalid)? {
+        Interval::Manual => Err(Error::Invalid(
+            "--expect-every takes a duration, e.g. 15m".into(),
+        )),
+        every => Ok(every),
+    }
+}
+
+/// The cycle state of a replica the store no longer ships to.
+fn forget_cycles(sd: &StateDir) -> Result<()> {
+    let p = sd.path("cycle.json");
+    match std::fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&p),
+        _ => Ok(()),
+    }
+}
+
+/// What differs between two settings, in words.
+fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
+    let Some(old) = old else {
+        return vec![format!(
+            "protected: replicates to {} {} (keep {}, group {})",
+            new.target,
+            cadence(new),
+            new.keep,
+            new.group
+        )];
+    };
+    let mut out = Vec::new();
+    let mut diff = |what: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{what} {a} -> {b}"));
+        }
+    };
+    diff("replica", old.target.to_string(), new.target.to_string());
+    diff(
+        "interval",
+        old.interval.to_string(),
+        new.interval.to_string(),
+    );
+    diff(
+        "expected cadence",
+        old.expect_every.map_or("none".into(), |e| e.to_string()),
+        new.expect_every.map_or("none".into(), |e| e.to_string()),
+    );
+    diff("keep", old.keep.clone(), new.keep.clone());
+    diff("group", old.group.to_string(), new.group.to_string());
+    out
+}
+
+/// "every 30s", "manually (drfs ship; expected every 15m)".
+pub fn cadence(r: &Replication) -> String {
+    match (r.interval, r.expect_every) {
+        (Interval::Manual, Some(e)) => format!("manually (drfs ship, expected every {e})"),
+        (Interval::Manual, None) => "manually (drfs ship)".to_string(),
+        (i, _) => format!("every {i}"),
+    }
+}
+
+fn protected(store: &Path) -> Result<(StateDir, Config, Replication)> {
+    let sd = store_dir(store)?;
+    let (sd, cfg) = StateDir::open(sd.store())?;
+    let rep = cfg
+        .replication
+        .clone()
+        .ok_or_else(|| Error::Invalid(format!("{} is not protected", sd.store().display())))?;
+    Ok((sd, cfg, rep))
+}
+
+/// The settings in force.
+pub fn show(store: &Path) -> Result<Replication> {
+    protected(store).map(|(_, _, r)| r)
+}
+
+/// Stops replicating: the binding is forgotten, the replica left as it is.
+pub fn unprotect(store: &Path) -> Result<Changed> {
+    let (sd, mut cfg, rep) = protected(store)?;
+    cfg.replication = None;
+    sd.write_config(&cfg)?;
+    Ok(Changed {
+        what: vec![format!(
+            "unprotected: {} no longer receives cycles; it keeps its points",
+            rep.target
+        )],
+        rep,
+        warnings: Vec::new(),
+    })
+}
+
+/// Pauses cycles, for `for_ns` (none: until `resume`).
+pub fn pause(store: &Path, for_ns: Option<i64>) -> Result<Changed> {
+    let (sd, mut cfg, mut rep) = protected(store)?;
+    let now = crate::sys::now_ns() as i64;
+    let until_ns = for_ns.map(|d| now + d);
+    rep.paused = Some(Pause {
+        since: rfc3339_ns(i128::from(now)),
+        since_ns: now,
+        until: until_ns.map(|u| rfc3339_ns(i128::from(u))),
+        until_ns,
+    });
+    cfg.replication = Some(rep.clone());
+    sd.write_config(&cfg)?;
+    let until = until_ns.map_or("until drfs resume".into(), |u| {
+        format!("until {}", rfc3339_ns(i128::from(u)))
+    });
+    Ok(Changed {
+        what: vec![format!(
+            "paused {until}: changes are tracked and ship when cycles resume"
+        )],
+        rep,
+        warnings: Vec::new(),
+    })
+}
+
+/// Resumes cycles.
+pub fn resume(store: &Path) -> Result<Changed> {
+    let (sd, mut cfg, mut rep) = protected(store)?;
+    let was = rep.paused.take();
+    cfg.replication = Some(rep.clone());
+    sd.write_config(&cfg)?;
+    Ok(Changed {
+        what: vec![match was {
+            Some(p) => format!("resumed (paused since {})", p.since),
+            None => "resumed (it was not paused)".into(),
+        }],
+        rep,
+        warnings: Vec::new(),
+    })
 }

@@ -19,6 +19,8 @@ pub struct RestoreOpts<'a> {
     pub path: Option<&'a RelPath>,
     pub to: &'a Path,
     pub force: bool,
+    /// Create DEST's missing parent directories.
+    pub parents: bool,
     pub progress: Option<Arc<dyn Progress>>,
 }
 
@@ -135,6 +137,12 @@ fn write_all(
 }
 
 fn check_dest(dest: &Path, o: &RestoreOpts<'_>) -> Result<()> {
+    if let Some(parent) = dest.parent().filter(|p| !o.parents && !p.exists()) {
+        return Err(Error::Invalid(format!(
+            "{} does not exist: create it first, or add --parents",
+            parent.display()
+        )));
+    }
     if o.force {
         return Ok(());
     }

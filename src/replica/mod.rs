@@ -71,6 +71,18 @@ pub trait PointStore: Send + Sync {
     fn allocated(&self, p: &PointInfo, e: &Entry) -> Result<u64>;
 }
 
+/// What the sender's hello asks of the replica it binds to.
+pub struct Binding<'a> {
+    pub store_id: &'a str,
+    pub block_size: u64,
+    /// `drfs protect`: make the replica this store's if it is not yet.
+    pub init: bool,
+    /// The retention policy.
+    pub keep: &'a str,
+    /// A directory that holds files may become the replica (its files a seed copy).
+    pub seed: bool,
+}
+
 /// What a receive session writes to: one replica, bound to one store.
 pub trait ReplicaStore {
     /// Where the replica is, for messages.

@@ -12,10 +12,10 @@ use std::path::Path;
 
 use crate::error::{At, Class, Error, Result};
 use crate::model::{FileId, Kind, Manifest, RelPath};
-use crate::replica::ReplicaStore;
 use crate::replica::posix::incoming::MAX_FILE;
 use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
+use crate::replica::{Binding, ReplicaStore};
 use crate::wire::{Frame, Hashes, Msg, Reader, Writer};
 
 /// How many entries one manifest may have.
@@ -41,17 +41,12 @@ fn lock(root: &Path) -> Result<File> {
 /// also sent to the sender.
 pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
     let _lock = lock(root);
-    serve_store(
-        |store_id, bs, init, keep| Receiving::bind(root, store_id, bs, init, keep),
-        input,
-        output,
-    )
+    serve_store(|b: &Binding<'_>| Receiving::bind(root, b), input, output)
 }
 
-/// What binds a stream to its store: the store id, block size, `init` (protect) and
-/// retention policy of the sender's hello.
-pub trait Bind<S>: FnOnce(&str, u64, bool, &str) -> Result<S> {}
-impl<S, F: FnOnce(&str, u64, bool, &str) -> Result<S>> Bind<S> for F {}
+/// What binds a stream to its store.
+pub trait Bind<S>: FnOnce(&Binding<'_>) -> Result<S> {}
+impl<S, F: FnOnce(&Binding<'_>) -> Result<S>> Bind<S> for F {}
 
 /// Serves one sender for the store `bind` opens, until it says goodbye.
 pub fn serve_store<S: ReplicaStore>(
@@ -99,6 +94,7 @@ impl<R: Read, W: Write> Session<R, W> {
             block_size,
             init,
             keep,
+            seed,
         } = self.r.msg()?
         else {
             return refuse("the stream did not start with a hello", true);
@@ -106,7 +102,13 @@ impl<R: Read, W: Write> Session<R, W> {
         if !block_size.is_power_of_two() || !(4096..=16 << 20).contains(&block_size) {
             return refuse(format!("block size {block_size}"), false);
         }
-        let mut store = bind(&store_id, block_size, init, &keep)?;
+        let mut store = bind(&Binding {
+            store_id: &store_id,
+            block_size,
+            init,
+            keep: &keep,
+            seed,
+        })?;
         check_binding(&store, &store_id, block_size)?;
         let latest = store.latest()?;
         self.w.msg(&Msg::Welcome {

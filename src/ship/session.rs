@@ -21,6 +21,8 @@ pub struct Hello<'a> {
     pub block_size: u64,
     /// The retention policy the replica is to apply.
     pub keep: &'a str,
+    /// Binding: a directory that holds files may become the replica (they seed it).
+    pub seed: bool,
 }
 
 /// What the replica says it is.
@@ -57,6 +59,7 @@ pub fn hello<W: Write, R: Read>(
         block_size: h.block_size,
         init,
         keep: h.keep.to_string(),
+        seed: h.seed,
     })
     .map_err(wire_err)?;
     match r.msg().map_err(wire_err)? {

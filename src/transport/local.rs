@@ -29,6 +29,7 @@ pub fn connect(target: &Path) -> Result<Link> {
             // The running binary itself, even after an upgrade replaced the file on disk
             // (so the receiver always speaks this daemon's protocol version).
             let mut c = Command::new("/proc/self/exe");
+            std::os::unix::process::CommandExt::arg0(&mut c, "drfs");
             c.arg("receive");
             c
         }

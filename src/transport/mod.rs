@@ -57,7 +57,7 @@ impl Link {
 
     /// Ends a session that failed with `e`. A broken stream says little: then the
     /// receiver's own last words say why it stopped, and its exit code whether a retry
-    /// can help (2: needs an operator).
+    /// can help (`Class::from_exit_code`).
     pub fn fail(mut self, e: Error) -> Error {
         drop(self.w);
         let (code, why) = stop(&mut self.child);
@@ -65,7 +65,7 @@ impl Link {
         match (&e, why.is_empty()) {
             (Error::Link(_) | Error::Hangup(_), false) => Error::Refused {
                 message: format!("replica: {why}"),
-                class: Class::from_recoverable(code != Some(2)),
+                class: Class::from_exit_code(code),
             },
             _ => e,
         }

@@ -65,6 +65,10 @@ pub enum Msg {
         /// Bind an uninitialised replica to this store (`drfs protect`).
         init: bool,
         keep: String,
+        /// With `init`: a directory that already holds files may become the replica, its
+        /// files a seed copy (`drfs protect --seed`). Absent from older senders.
+        #[serde(default)]
+        seed: bool,
     },
     /// Receiver: what it holds.
     Welcome {

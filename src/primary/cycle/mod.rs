@@ -124,13 +124,9 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// `drfs ship`'s exit code: 0 shipped, 1 a retry can help, 2 needs an operator.
+    /// `drfs ship`'s exit code: 0 shipped, else by the failure's class.
     pub fn code(&self) -> i32 {
-        match (self.ok, self.class) {
-            (true, _) => 0,
-            (false, Class::Transient) => 1,
-            (false, Class::Operator) => 2,
-        }
+        if self.ok { 0 } else { self.class.exit_code() }
     }
 }
 
@@ -144,11 +140,15 @@ pub struct CycleOpts {
     pub consistency: Option<Consistency>,
 }
 
-/// Runs one cycle of `tracker`'s store to its replica and records the result.
+/// Runs one cycle of `tracker`'s store to its replica and records the result. While
+/// cycles are paused nothing runs and nothing is recorded.
 pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
     let sd = tracker.state().clone();
     let started = Instant::now();
     let time_ns = sys::now_ns() as i64;
+    if let Some(e) = paused(&sd, time_ns) {
+        return failed(e, started);
+    }
     let mut st = match CycleState::load(&sd) {
         Ok(s) => s,
         Err(e) => return failed(e, started),
@@ -190,6 +190,22 @@ fn failed(e: Error, started: Instant) -> Outcome {
     }
 }
 
+/// Why no cycle may run now, if cycles are paused.
+fn paused(sd: &StateDir, now_ns: i64) -> Option<Error> {
+    let rep = sd.config().ok()?.replication?;
+    let p = rep.paused_at(now_ns)?;
+    let until = p
+        .until
+        .as_deref()
+        .map_or(String::new(), |u| format!(" until {u}"));
+    Some(Error::transient(format!(
+        "replication of {} is paused since {}{until}; `drfs resume {}` resumes it",
+        sd.store().display(),
+        p.since,
+        sd.store().display()
+    )))
+}
+
 /// The replication settings as they are now (`drfs protect` may change them while mounted).
 fn replication(tracker: &Tracker) -> Result<Replication> {
     tracker.state().config()?.replication.ok_or_else(|| {
@@ -229,6 +245,7 @@ fn exchange(
         store_id: &cfg.store_id,
         block_size: cfg.block_size,
         keep: &rep.keep,
+        seed: false,
     };
     let w = session::hello(&mut link.w, &mut link.r, &hello, false)?;
     if w.source.as_deref() != Some(cfg.store_id.as_str()) || w.replica_id != rep.replica_id {

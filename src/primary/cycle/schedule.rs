@@ -97,6 +97,13 @@ impl Scheduler {
     /// How long until the next cycle is due (None: not scheduled).
     fn due_in(&self) -> Option<Duration> {
         let rep = self.tracker.state().config().ok()?.replication?;
+        let now = crate::sys::now_ns() as i64;
+        if let Some(p) = rep.paused_at(now) {
+            // Asleep until the pause ends (or a poke: `drfs resume`).
+            return p
+                .until_ns
+                .map(|u| Duration::from_nanos((u - now).max(0) as u64));
+        }
         let interval = rep.interval.every()?;
         let st = CycleState::load(self.tracker.state()).ok()?;
         if st.critical.is_some() {

@@ -44,11 +44,11 @@ impl Replica {
         Ok(r)
     }
 
-    /// Opens without recovering (for readers that must not write).
+    /// Opens without recovering (for readers that must not write). A directory that is
+    /// not there is an I/O error (its disk may come back); one that is no replica is
+    /// refused.
     pub fn open_only(root: &Path) -> Result<Replica> {
-        let root = root
-            .canonicalize()
-            .map_err(|e| Error::Invalid(format!("replica {}: {e}", root.display())))?;
+        let root = root.canonicalize().at(root)?;
         let sd = StateDir::new(&root);
         if !sd.exists() {
             return Err(Error::Invalid(format!(

@@ -6,13 +6,13 @@
 use std::fs::File;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{At, Error, Result};
 use crate::model::retention::Policy;
 use crate::model::{Entry, FileId, Manifest, PointInfo, RelPath};
 use crate::replica::posix::incoming::Incoming;
 use crate::replica::posix::read::{self, PointFile};
 use crate::replica::posix::{Replica, apply};
-use crate::replica::{PointRead, PointStore, ReplicaStore};
+use crate::replica::{Binding, PointRead, PointStore, ReplicaStore};
 use crate::state::StateDir;
 use crate::sys;
 use crate::wire::{Block, BlockHash};
@@ -54,13 +54,18 @@ pub struct Receiving {
 }
 
 impl Receiving {
-    /// The replica at `root` for store `store_id`: an existing one, or with `init` (`drfs
-    /// protect`) a directory made one now, taking the retention policy `keep`.
-    pub fn bind(root: &Path, store_id: &str, bs: u64, init: bool, keep: &str) -> Result<Receiving> {
+    /// The replica at `root` for the store `b` names: an existing one, or with `init`
+    /// (`drfs protect`) a directory made one now: an empty one, or with `seed` one whose
+    /// files seed it (nothing in it is deleted; files at the store's paths are compared).
+    pub fn bind(root: &Path, b: &Binding<'_>) -> Result<Receiving> {
+        let (store_id, bs, init, keep) = (b.store_id, b.block_size, b.init, b.keep);
         if init {
             Policy::parse(keep).map_err(Error::operator)?;
         }
         let exists = StateDir::new(root).exists();
+        if !exists && init && !b.seed {
+            refuse_unless_empty(root)?;
+        }
         let mut r = if !exists && init {
             Replica::init(root, store_id, bs, keep)?
         } else {
@@ -177,6 +182,30 @@ impl ReplicaStore for Receiving {
         }
         Ok(point)
     }
+}
+
+/// A directory that holds files is no replica to bind without `--seed`: its files would
+/// be taken for the store's, and overwritten where the paths meet.
+fn refuse_unless_empty(root: &Path) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .at(root)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let more = names.len().saturating_sub(3);
+    names.truncate(3);
+    let mut held = names.join(", ");
+    if more > 0 {
+        held.push_str(&format!(" and {more} more"));
+    }
+    Err(Error::operator(format!(
+        "{} is not empty (it holds {held}) and is not a drfs replica: give an empty directory, or --seed to use its files as a seed copy (only blocks that differ are sent; nothing else in it is touched)",
+        root.display()
+    )))
 }
 
 /// The BLAKE3 of block `b` of `f` (holes and zero blocks as `Zero`, beyond the end `Absent`).

@@ -1,0 +1,328 @@
+//! One function per command: it calls `ops` or the library and prints what happened.
+//! Each returns the exit code it ends with (a failed cycle is not an error: its code is
+//! its class's); errors go back to `cli::main`, which prints them and exits by class.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::cli::args::{Cli, Cmd};
+use crate::cli::{progress, render};
+use crate::error::Error;
+use crate::ops;
+use crate::ops::mount::MountOpts;
+use crate::replica::posix::Replica;
+use crate::state::StateDir;
+
+/// The replica at `p`; a path that does not exist is a usage error here (the receiver,
+/// which the sender retries, takes it for a disk that may come back).
+fn replica_at(p: &Path) -> Result<Replica> {
+    if std::fs::symlink_metadata(p).is_err() {
+        return Err(Error::Invalid(format!("{}: no such file or directory", p.display())).into());
+    }
+    Ok(Replica::open_only(p)?)
+}
+
+/// A store given by its mountpoint means the store behind it.
+fn behind(p: &Path) -> PathBuf {
+    crate::fuse::mountinfo::behind(p)
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Mount {
+            store,
+            mountpoint,
+            block_size,
+            threads,
+            allow_other,
+            foreground,
+            no_track,
+        } => mount(MountOpts {
+            store,
+            mountpoint,
+            block_size,
+            threads,
+            allow_other,
+            foreground,
+            track: !no_track,
+        }),
+        Cmd::Unmount { mountpoint, lazy } => {
+            ops::mount::unmount(&mountpoint, lazy)?;
+            Ok(0)
+        }
+        Cmd::Changes { store, path, json } => changes(&store, path, json),
+        Cmd::Protect {
+            store,
+            to,
+            interval,
+            expect_every,
+            keep,
+            group,
+            seed,
+            rebind,
+            show,
+        } => {
+            let store = behind(&store);
+            if show {
+                return show_settings(&store);
+            }
+            let to = to.map(|t| t.to_string_lossy().into_owned());
+            let p = ops::protect::Protect {
+                to: to.as_deref(),
+                interval: interval.as_deref(),
+                expect_every: expect_every.as_deref(),
+                keep: keep.as_deref(),
+                group: group.as_deref(),
+                seed,
+                rebind,
+            };
+            settings(&store, ops::protect::protect(&store, &p)?)
+        }
+        Cmd::Unprotect { store } => {
+            let store = behind(&store);
+            settings(&store, ops::protect::unprotect(&store)?)
+        }
+        Cmd::Pause { store, for_ } => {
+            let store = behind(&store);
+            let ns = match for_ {
+                Some(d) => Some(
+                    humantime::parse_duration(&d)
+                        .map_err(|e| Error::Invalid(format!("--for {d:?}: {e}")))?
+                        .as_nanos() as i64,
+                ),
+                None => None,
+            };
+            settings(&store, ops::protect::pause(&store, ns)?)
+        }
+        Cmd::Resume { store } => {
+            let store = behind(&store);
+            settings(&store, ops::protect::resume(&store)?)
+        }
+        Cmd::Ship { store, resync } => {
+            let r = ops::ship::ship(&behind(&store), resync, progress::bar("shipping"))?;
+            render::ship(&r);
+            Ok(r.code)
+        }
+        Cmd::Receive { replica } => match ops::receive::receive(&replica) {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                // The sender reads this last line as the reason.
+                eprintln!("drfs receive: {e}");
+                Ok(e.class().exit_code())
+            }
+        },
+        Cmd::Points { replica, json } => points(&replica, json),
+        Cmd::Status { path, json } => status(&behind(&path), json),
+        Cmd::Browse {
+            replica,
+            mountpoint,
+            allow_other,
+            foreground,
+        } => {
+            replica_at(&replica)?;
+            ops::browse::browse(&replica, &mountpoint, allow_other, foreground)?;
+            Ok(0)
+        }
+        Cmd::TestFailover {
+            replica,
+            point,
+            at,
+            stop,
+            allow_other,
+            foreground,
+        } => test_failover(
+            &replica,
+            point.as_deref(),
+            at.as_deref(),
+            stop,
+            allow_other,
+            foreground,
+        ),
+        Cmd::Restore {
+            replica,
+            point,
+            path,
+            to,
+            force,
+            parents,
+        } => restore(&replica, &point, path.as_deref(), &to, force, parents),
+    }
+}
+
+fn mount(o: MountOpts) -> Result<i32> {
+    if let Some(bs) = o.block_size {
+        if !(bs.is_power_of_two() && (4096..=16 << 20).contains(&bs)) {
+            return Err(Error::Invalid(format!(
+                "--block-size must be a power of two from 4K to 16M, not {bs}"
+            ))
+            .into());
+        }
+    }
+    if !(1..=256).contains(&o.threads) {
+        return Err(Error::Invalid("--threads must be 1..256".into()).into());
+    }
+    ops::mount::mount(&o)?;
+    Ok(0)
+}
+
+fn changes(store: &Path, path: Option<PathBuf>, json: bool) -> Result<i32> {
+    let mnt = store.canonicalize().unwrap_or_else(|_| store.to_path_buf());
+    let store = behind(store);
+    // A path given under the mountpoint means the same file in the store.
+    let path = path.map(|p| match p.strip_prefix(&mnt) {
+        Ok(rel) if p.is_absolute() => store.join(rel),
+        _ => p,
+    });
+    let c = crate::obs::changes::collect(&store, path.as_deref())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&c).context("encoding JSON")?
+        );
+    } else {
+        print!("{}", render::changes(&c));
+    }
+    Ok(0)
+}
+
+/// Prints what a settings command changed (and its warnings), and tells the daemon.
+fn settings(store: &Path, c: ops::protect::Changed) -> Result<i32> {
+    let (sd, cfg) = StateDir::open(&store.canonicalize()?)?;
+    let mut running = false;
+    for line in &c.what {
+        running = ops::note(&sd, &cfg.store_id, line)?;
+        println!("{}: {line}", sd.store().display());
+    }
+    for w in &c.warnings {
+        eprintln!("drfs: warning: {w}");
+    }
+    if c.what.iter().any(|l| l.starts_with("protected")) {
+        println!(
+            "{}",
+            if running {
+                "the mounted daemon runs the first cycle now"
+            } else {
+                "cycles run while the store is mounted, or with `drfs ship`"
+            }
+        );
+    }
+    Ok(0)
+}
+
+fn show_settings(store: &Path) -> Result<i32> {
+    let r = ops::protect::show(store)?;
+    println!("replica       {}", r.target);
+    println!("interval      {}", ops::protect::cadence(&r));
+    println!("keep          {}", r.keep);
+    println!("group         {}", r.group);
+    match &r.paused {
+        Some(p) => println!(
+            "paused        since {}{}",
+            p.since,
+            p.until
+                .as_deref()
+                .map_or(String::new(), |u| format!(", until {u}"))
+        ),
+        None => println!("paused        no"),
+    }
+    println!("replica id    {}", r.replica_id);
+    Ok(0)
+}
+
+fn points(replica: &Path, json: bool) -> Result<i32> {
+    let r = replica_at(replica)?;
+    let mut points = r.points()?;
+    points.reverse();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&render::points_json(&points))?
+        );
+    } else {
+        print!("{}", render::points(&points));
+    }
+    Ok(0)
+}
+
+fn status(path: &Path, json: bool) -> Result<i32> {
+    use ops::status::Status;
+    match ops::status::of(path)? {
+        Status::Replica(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Status::Replica(s) => print!("{}", render::replica(&s)),
+        Status::Store(v) if json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Status::Store(v) => print!("{}", render::store_value(&v)),
+    }
+    Ok(0)
+}
+
+fn restore(
+    replica: &Path,
+    point: &str,
+    path: Option<&str>,
+    to: &Path,
+    force: bool,
+    parents: bool,
+) -> Result<i32> {
+    let r = replica_at(replica)?;
+    let rel = match path {
+        Some(p) => Some(
+            crate::model::RelPath::parse(p.trim_matches('/'))
+                .filter(|r| !r.is_root())
+                .ok_or_else(|| Error::Invalid(format!("bad --path {p:?}")))?,
+        ),
+        None => None,
+    };
+    let done = crate::points::restore::restore(
+        Arc::new(r),
+        &crate::points::restore::RestoreOpts {
+            point,
+            path: rel.as_ref(),
+            to,
+            force,
+            parents,
+            progress: progress::bar("restoring"),
+        },
+    )?;
+    println!(
+        "restored point {point}: {}, {} of data to {}",
+        crate::model::fmt::plural(done.files, "file"),
+        crate::model::fmt::human(done.bytes),
+        to.display()
+    );
+    Ok(0)
+}
+
+fn test_failover(
+    replica: &Path,
+    point: Option<&str>,
+    at: Option<&Path>,
+    stop: bool,
+    allow_other: bool,
+    foreground: bool,
+) -> Result<i32> {
+    replica_at(replica)?;
+    if stop {
+        let s = ops::test_failover::stop(replica)?;
+        println!(
+            "test failover of point {} at {} stopped and discarded",
+            s.point,
+            s.at.display()
+        );
+        return Ok(0);
+    }
+    let (Some(point), Some(at)) = (point, at) else {
+        return Err(Error::Invalid("--point and --at are needed (or --stop)".into()).into());
+    };
+    let at = ops::test_failover::start(replica, point, at, allow_other, foreground)?;
+    if !foreground {
+        let r = Replica::open_only(replica)?;
+        println!(
+            "point {point} is at {} as a writable clone; `drfs test-failover {} --stop` discards it",
+            at.display(),
+            r.root.display()
+        );
+    }
+    Ok(0)
+}
