@@ -865,7 +865,10 @@ fn flip(p: &Path, off: u64) {
 }
 
 /// Reads `p` one block (`BS`) per pread, in one open (O_DIRECT if `direct`), `again`
-/// times over: per block, its bytes or the errno of the last pass.
+/// times over: per block, its bytes or the errno of the last pass. The kernel may split a
+/// read into several requests, and a bad block's pieces before the bad one check out:
+/// then the read is short, with those bytes, and a read of the rest fails, as `read(2)`
+/// reports an error only when nothing was read.
 fn read_blocks(p: &Path, direct: bool, again: usize) -> Vec<Result<Vec<u8>, i32>> {
     use std::os::unix::fs::FileExt;
     let mut o = fs::OpenOptions::new();
@@ -887,6 +890,16 @@ fn read_blocks(p: &Path, direct: bool, again: usize) -> Vec<Result<Vec<u8>, i32>
                 let len = if direct { BS as usize } else { n };
                 match f.read_at(&mut buf[..len], b * BS) {
                     Ok(got) if got == n => Ok(buf[..n].to_vec()),
+                    Ok(got) if got > 0 && got % 4096 == 0 => {
+                        let rest = &mut buf[got..len];
+                        match f.read_at(rest, b * BS + got as u64) {
+                            Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+                            Ok(more) => panic!(
+                                "{}: block {b}: {got} bytes, then {more}, not {n}",
+                                p.display()
+                            ),
+                        }
+                    }
                     Ok(got) => panic!("{}: block {b}: {got} bytes, not {n}", p.display()),
                     Err(e) => Err(e.raw_os_error().unwrap_or(0)),
                 }
@@ -912,9 +925,10 @@ fn blocks_are(got: &[Result<Vec<u8>, i32>], want: &[u8], bad: &[u64], what: &str
     }
 }
 
-/// Reads 4 KiB from the middle of every whole block of `p` (O_DIRECT, one open): per
-/// block, the bytes or the errno. A read that covers part of a block not checked yet.
-fn read_inside(p: &Path) -> Vec<Result<Vec<u8>, i32>> {
+/// Reads 4 KiB at each of the first three 4 KiB pieces of every whole block of `p`
+/// (O_DIRECT, one open): per block and piece, the bytes or the errno. Reads that cover
+/// part of a block not checked yet: checked by the piece records.
+fn read_inside(p: &Path) -> Vec<Vec<Result<Vec<u8>, i32>>> {
     use std::os::unix::fs::FileExt;
     let f = std::os::unix::fs::OpenOptionsExt::custom_flags(
         fs::OpenOptions::new().read(true),
@@ -927,51 +941,74 @@ fn read_inside(p: &Path) -> Vec<Result<Vec<u8>, i32>> {
     let buf = &mut raw[skip..skip + 4096];
     let whole = f.metadata().unwrap().len() / BS;
     (0..whole)
-        .map(|b| match f.read_at(buf, b * BS + 8192) {
-            Ok(4096) => Ok(buf.to_vec()),
-            Ok(n) => panic!("{}: 4 KiB in block {b}: {n} bytes", p.display()),
-            Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+        .map(|b| {
+            (0..3)
+                .map(|k| match f.read_at(buf, b * BS + k * 4096) {
+                    Ok(4096) => Ok(buf.to_vec()),
+                    Ok(n) => panic!("{}: 4 KiB in block {b}: {n} bytes", p.display()),
+                    Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+                })
+                .collect()
         })
         .collect()
 }
 
-fn inside_is(got: &[Result<Vec<u8>, i32>], want: &[u8], bad: &[u64], what: &str) {
-    for (b, r) in got.iter().enumerate() {
-        let o = b * BS as usize + 8192;
-        match r {
-            Err(e) if bad.contains(&(b as u64)) => assert_eq!(*e, libc::EIO, "{what}: {b}"),
-            Ok(_) if bad.contains(&(b as u64)) => panic!("{what}: part of bad block {b} served"),
-            Err(e) => panic!("{what}: part of block {b} failed (errno {e})"),
-            Ok(d) => assert!(
-                d[..] == want[o..o + 4096],
-                "{what}: part of block {b} reads wrong"
-            ),
+/// Asserts that the pieces `read_inside` got are `want`'s, except that the pieces in
+/// `bad` (block, piece) fail with EIO: a corrupt block's other pieces read, checked.
+fn inside_is(got: &[Vec<Result<Vec<u8>, i32>>], want: &[u8], bad: &[(u64, u64)], what: &str) {
+    for (b, pieces) in got.iter().enumerate() {
+        for (k, r) in pieces.iter().enumerate() {
+            let (b, k) = (b as u64, k as u64);
+            let o = (b * BS + k * 4096) as usize;
+            match r {
+                Err(e) if bad.contains(&(b, k)) => assert_eq!(*e, libc::EIO, "{what}: {b}/{k}"),
+                Ok(_) if bad.contains(&(b, k)) => {
+                    panic!("{what}: the corrupt piece {k} of block {b} was served")
+                }
+                Err(e) => panic!("{what}: piece {k} of block {b} failed (errno {e})"),
+                Ok(d) => assert!(
+                    d[..] == want[o..o + 4096],
+                    "{what}: piece {k} of block {b} reads wrong"
+                ),
+            }
         }
     }
 }
 
 /// Reads every block of disk.raw in every point of `points` through a browse at `br`
 /// and through a test failover of each point at `tf`, and checks it against the
-/// primary's copy; `bad` lists the (point, block) pairs that must fail with EIO. Browse
-/// reads 4 KiB inside each block (one open), then each block whole (O_DIRECT, twice in
-/// one open; then buffered); the clone 4 KiB inside each block, then each block whole
-/// (one open file for all), then overwrites each bad block: a part of it fails (the rest
-/// of the block would come from the point), the whole block can be written and read.
-/// The points' other file reads whole.
+/// primary's copy; `bad` lists the (point, block, piece) whose reads must fail with EIO
+/// (a whole-block read of the block, a 4 KiB read of the piece). Browse reads three
+/// 4 KiB pieces of each block (one open), then each block whole (O_DIRECT, twice in one
+/// open; then buffered); the clone the pieces, then each block whole (one open file for
+/// all), then overwrites each bad block: a part of its bad piece fails (the rest of the
+/// piece would come from the point), the whole block can be written and read. The
+/// points' other file reads whole.
 fn every_block_of_every_point(
     r: &Rep,
     br: &Path,
     tf: &Path,
     points: &[String],
-    bad: &[(&str, u64)],
+    bad: &[(&str, u64, u64)],
 ) {
     let bad_in = |p: &str| -> Vec<u64> { bad.iter().filter(|x| x.0 == p).map(|x| x.1).collect() };
+    let pieces_in = |p: &str| -> Vec<(u64, u64)> {
+        bad.iter()
+            .filter(|x| x.0 == p)
+            .map(|x| (x.1, x.2))
+            .collect()
+    };
     browse(r, br);
     for p in points {
         let want = fs::read(r.snaps.join(p).join("disk.raw")).unwrap();
         let at = br.join("points").join(p);
         let what = format!("browse point {p}");
-        inside_is(&read_inside(&at.join("disk.raw")), &want, &bad_in(p), &what);
+        inside_is(
+            &read_inside(&at.join("disk.raw")),
+            &want,
+            &pieces_in(p),
+            &what,
+        );
         for direct in [true, false] {
             let got = read_blocks(&at.join("disk.raw"), direct, if direct { 2 } else { 1 });
             let what = format!("{what} (direct {direct})");
@@ -992,7 +1029,7 @@ fn every_block_of_every_point(
             .arg(tf));
         let want = fs::read(r.snaps.join(p).join("disk.raw")).unwrap();
         let (img, what) = (tf.join("disk.raw"), format!("test failover of point {p}"));
-        inside_is(&read_inside(&img), &want, &bad_in(p), &what);
+        inside_is(&read_inside(&img), &want, &pieces_in(p), &what);
         blocks_are(&read_blocks(&img, false, 1), &want, &bad_in(p), &what);
         let other = fs::read(r.snaps.join(p).join("other.raw")).unwrap();
         assert!(
@@ -1000,9 +1037,12 @@ fn every_block_of_every_point(
             "{what}: other.raw"
         );
         let w = fs::OpenOptions::new().write(true).open(&img).unwrap();
-        for b in bad_in(p) {
+        for (b, k) in pieces_in(p) {
             use std::os::unix::fs::FileExt;
-            let e = w.write_all_at(b"part", b * BS + 100).unwrap_err();
+            // Writing part of the bad piece reads the rest of it from the point: refused.
+            let e = w
+                .write_all_at(b"part", b * BS + k * 4096 + 100)
+                .unwrap_err();
             assert_eq!(
                 e.raw_os_error(),
                 Some(libc::EIO),
@@ -1078,7 +1118,8 @@ fn a_corrupt_block_fails_with_eio_in_exactly_the_points_that_use_it() {
         .join(format!("{id}.data"));
     flip(&rep.join("disk.raw"), 4 * BS + 123);
     flip(&undo, 10 * BS + 4567);
-    let bad = [(&*p2, 4), (&*p3, 4), (&*p1, 10), (&*p2, 10)];
+    // Block 4's flipped byte is in its first 4 KiB piece, block 10's in its second.
+    let bad = [(&*p2, 4, 0), (&*p3, 4, 0), (&*p1, 10, 1), (&*p2, 10, 1)];
     every_block_of_every_point(&r, &br, &tf, &points, &bad);
 
     // Each bad block is logged with its point, file, offset and source, once per open
@@ -1096,7 +1137,7 @@ fn a_corrupt_block_fails_with_eio_in_exactly_the_points_that_use_it() {
             for b in [4, 10] {
                 let line = format!("point {p}, disk.raw: the block at byte {} ", b * BS);
                 let lines: Vec<&str> = log.lines().filter(|l| l.contains(&line)).collect();
-                if !bad.contains(&(p, b)) {
+                if !bad.iter().any(|x| x.0 == p && x.1 == b) {
                     assert!(lines.is_empty(), "{line:?} logged, though clean:\n{log}");
                     continue;
                 }

@@ -394,3 +394,60 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
     assert!(e.to_string().contains("another store"), "{e}");
     let _ = c.receiver.join();
 }
+
+/// Flips one bit of the byte at `off` of `p`.
+fn flip(p: &Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, off).unwrap();
+}
+
+/// 4 KiB of file `e` of point `id` at `off`, read through a fresh open.
+fn piece_at(root: &Path, id: &str, off: u64) -> std::io::Result<Vec<u8>> {
+    let store: Arc<dyn PointStore> = Arc::new(Replica::open_only(root).expect("replica"));
+    let view = PointView::open(store, id).expect("point");
+    let e = drfs::points::view::files(&view)
+        .next()
+        .expect("a file")
+        .clone();
+    let f = view.file(&e).expect("open");
+    let mut buf = vec![0u8; 4096];
+    f.read_at(&mut buf, off).map(|_| buf)
+}
+
+#[test]
+fn piece_records_check_4k_reads_and_never_decide_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    bind(root, "all:1h");
+    let id = FileId(0xd4);
+    let data = bytes(4 * BS as usize, 5);
+    let mut t = Tree::default();
+    t.put("disk.raw", id, data.clone());
+    let p = ship(root, &t, &BTreeMap::from([("disk.raw", None)]), times(0)).unwrap();
+    let at = |off: usize| data[off..off + 4096].to_vec();
+    assert_eq!(
+        piece_at(root, &p, BS + 8192).unwrap(),
+        at(BS as usize + 8192)
+    );
+    // A damaged record is no record: the whole block is checked, and reads right.
+    let cv = root.join(format!(".drfs/hashes/{id}.cv"));
+    assert!(cv.exists(), "records are kept beside the hash index");
+    flip(&cv, 512 + 40);
+    assert_eq!(
+        piece_at(root, &p, BS + 8192).unwrap(),
+        at(BS as usize + 8192)
+    );
+    // Damaged data: the pieces that check out read; the damaged one fails.
+    flip(&root.join("disk.raw"), 2 * BS + 3 * 4096 + 7);
+    assert_eq!(piece_at(root, &p, 2 * BS).unwrap(), at(2 * BS as usize));
+    let e = piece_at(root, &p, 2 * BS + 3 * 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+}

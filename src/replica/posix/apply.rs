@@ -31,6 +31,7 @@ use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind, Manifest};
 use crate::replica::posix::Replica;
 use crate::replica::posix::incoming::Incoming;
+use crate::replica::posix::pieces::{self, Pieces};
 use crate::replica::posix::undo::{UndoIndex, UndoWriter};
 use crate::sys;
 use crate::sys::punch_hole;
@@ -376,8 +377,12 @@ fn place(
         for id in plan.deleted() {
             let name = hold_name(id);
             let hp = r.hash_file(id);
+            let to = crate::replica::posix::undo::hash_path(&undo, id);
+            let (cv, cv_to) = (pieces::path(&hp), pieces::path(&to));
+            if cv.exists() {
+                fs::rename(&cv, &cv_to).at(&cv_to)?;
+            }
             if hp.exists() {
-                let to = crate::replica::posix::undo::hash_path(&undo, id);
                 fs::rename(&hp, &to).at(&to)?;
             }
             if hold.exists(&RelPath::from_bytes(name.as_bytes())) {
@@ -507,6 +512,7 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
         }
         if adopt.contains(id) {
             f.set_len(*size).at(&at)?;
+            set_pieces(inc, *id, &f, &at, &hp, *size, bs, &mut buf)?;
             continue;
         }
         // Zero blocks become holes, where the file has bytes to punch.
@@ -536,12 +542,53 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
         f.set_len(*size).at(&at)?;
         if compute {
             crate::replica::posix::hashes::compute(&f, *size, bs, &hp)?;
-        } else if let Some((_, old)) = plan.old_files.get(id) {
-            rehash_grown_tail(&f, &at, &hp, *old, *size, bs, &inc.changed(*id), &mut buf)?;
+        } else {
+            set_pieces(inc, *id, &f, &at, &hp, *size, bs, &mut buf)?;
+            if let Some((_, old)) = plan.old_files.get(id) {
+                rehash_grown_tail(&f, &at, &hp, *old, *size, bs, &inc.changed(*id), &mut buf)?;
+            }
         }
         crate::sys::fault::hit("apply:data-file");
     }
     syncfs(&r.root)
+}
+
+/// The piece records of the blocks this cycle brought into file `f` (read back from it,
+/// as it now holds them); the zero runs have none.
+#[allow(clippy::too_many_arguments)]
+fn set_pieces(
+    inc: &Incoming,
+    id: FileId,
+    f: &File,
+    at: &Path,
+    hp: &Path,
+    size: u64,
+    bs: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    if !pieces::kept(bs) {
+        return Ok(());
+    }
+    let cv = Pieces::open(hp, bs)?;
+    for run in inc.zero_runs(id) {
+        cv.clear(run[0], run[1])?;
+    }
+    for (b, s) in inc.confirmed(id) {
+        let off = b * bs;
+        if off >= size {
+            continue;
+        }
+        let n = (size - off).min(bs) as usize;
+        if s.zero {
+            cv.clear(b, b + 1)?;
+            continue;
+        }
+        let got = sys::read_full(f, &mut buf[..n], off).at(at)?;
+        buf[got..n].fill(0);
+        cv.set(b, &buf[..n])?;
+    }
+    cv.set_blocks(size.div_ceil(bs))?;
+    cv.sync()
 }
 
 /// The old last block of a file growing from `old` to `new` bytes, if that block was
@@ -582,7 +629,13 @@ fn rehash_grown_tail(
     }
     if entry == of(&buf[..was]) && buf[was..now].iter().all(|&x| x == 0) {
         h.set(b, &new)?;
-        return h.sync();
+        h.sync()?;
+        if pieces::kept(bs) {
+            let cv = Pieces::open(hp, bs)?;
+            cv.set(b, &buf[..now])?;
+            cv.sync()?;
+        }
+        return Ok(());
     }
     tracing::warn!(
         "{}: block {b} does not match its BLAKE3; its entry is left as it was",

@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{At, Result};
+use crate::replica::posix::pieces::{self, Pieces};
 use crate::sys::read_full;
 
 pub const ENTRY: u64 = 32;
@@ -121,6 +122,14 @@ pub fn compute(file: &File, size: u64, bs: u64, dst: &Path) -> Result<()> {
     h.f.set_len(0).at(&tmp)?;
     let blocks = size.div_ceil(bs);
     h.set_blocks(blocks)?;
+    let pieces = if pieces::kept(bs) {
+        let p = Pieces::open(&tmp, bs)?;
+        p.set_blocks(0)?;
+        p.set_blocks(blocks)?;
+        Some(p)
+    } else {
+        None
+    };
     let mut holes = crate::sys::Holes::new(file);
     let mut buf = vec![0u8; bs as usize];
     for b in 0..blocks {
@@ -131,7 +140,15 @@ pub fn compute(file: &File, size: u64, bs: u64, dst: &Path) -> Result<()> {
         let got = read_full(file, &mut buf[..n], b * bs).at(dst)?;
         buf[got..n].fill(0);
         h.set(b, &of(&buf[..n]))?;
+        if let Some(p) = &pieces {
+            p.set(b, &buf[..n])?;
+        }
     }
     h.sync()?;
+    if let Some(p) = &pieces {
+        p.sync()?;
+        let to = pieces::path(dst);
+        std::fs::rename(pieces::path(&tmp), &to).at(&to)?;
+    }
     std::fs::rename(&tmp, dst).at(dst)
 }

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod hashes;
 pub mod incoming;
+pub mod pieces;
 pub mod read;
 pub mod store;
 pub mod tree;

@@ -42,6 +42,7 @@ use crate::model::relpath::RelPath;
 use crate::replica::Bad;
 use crate::replica::posix::Replica;
 use crate::replica::posix::hashes::{ENTRY, Hashes, ZERO, of};
+use crate::replica::posix::pieces::{self, PIECE, Pieces};
 use crate::replica::posix::undo::{UndoFile, UndoIndex, data_path, hash_path};
 use crate::sys::aligned::with_scratch;
 use crate::sys::{self, read_full};
@@ -125,6 +126,7 @@ struct Layer {
     /// `data` opened with O_DIRECT, for an uncached file.
     direct: Option<File>,
     hashes: Option<Hashes>,
+    pieces: Option<Pieces>,
     checked: Checked,
 }
 
@@ -138,6 +140,7 @@ struct Chain {
     /// `latest` opened with O_DIRECT, for an uncached file.
     latest_direct: Option<File>,
     latest_hashes: Option<Hashes>,
+    latest_pieces: Option<Pieces>,
     /// Where `latest` was found (for the log).
     latest_path: Option<RelPath>,
     latest_checked: Checked,
@@ -157,6 +160,7 @@ impl Chain {
             latest: None,
             latest_direct: None,
             latest_hashes: None,
+            latest_pieces: None,
             latest_path: None,
             latest_checked: Checked::new(blocks),
             gone: false,
@@ -193,29 +197,53 @@ const PAGE_BLOCKS: u64 = 4096 * 8;
 /// write lock where the source may have changed (`Chain::forget_under`).
 struct Checked {
     blocks: u64,
-    good: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    good: Bits,
+    /// Blocks whose piece record gives their entry (their 4 KiB pieces check against it).
+    rec: Bits,
     bad: Mutex<BTreeSet<u64>>,
+}
+
+/// A bit per block, in pages allocated as they are set.
+type Bits = Box<[OnceLock<Box<[AtomicU64]>>]>;
+
+fn pages(blocks: u64) -> Bits {
+    (0..blocks.div_ceil(PAGE_BLOCKS))
+        .map(|_| OnceLock::new())
+        .collect()
+}
+
+fn test_bit(bits: &Bits, b: u64) -> bool {
+    let page = bits.get((b / PAGE_BLOCKS) as usize).and_then(|p| p.get());
+    page.is_some_and(|p| {
+        p[((b % PAGE_BLOCKS) / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0
+    })
 }
 
 impl Checked {
     fn new(blocks: u64) -> Checked {
         Checked {
             blocks,
-            good: (0..blocks.div_ceil(PAGE_BLOCKS))
-                .map(|_| OnceLock::new())
-                .collect(),
+            good: pages(blocks),
+            rec: pages(blocks),
             bad: Mutex::new(BTreeSet::new()),
         }
     }
 
     fn good(&self, b: u64) -> bool {
-        let page = self
-            .good
-            .get((b / PAGE_BLOCKS) as usize)
-            .and_then(|p| p.get());
-        page.is_some_and(|p| {
-            p[((b % PAGE_BLOCKS) / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0
-        })
+        test_bit(&self.good, b)
+    }
+
+    fn rec(&self, b: u64) -> bool {
+        test_bit(&self.rec, b)
+    }
+
+    /// Block `b`'s piece record gives its entry.
+    fn set_rec(&self, b: u64) {
+        for (p, w, mask) in self.words(b, b + 1) {
+            let page = self.rec[p]
+                .get_or_init(|| (0..PAGE_BLOCKS / 64).map(|_| AtomicU64::new(0)).collect());
+            page[w].fetch_or(mask, Ordering::Relaxed);
+        }
     }
 
     /// The bits of blocks `a..z` (those of the file): (page, word, mask).
@@ -267,8 +295,10 @@ impl Checked {
             bad.retain(|&b| b < a || b >= z);
         }
         for (p, w, mask) in self.words(a, z) {
-            if let Some(page) = self.good[p].get_mut() {
-                *page[w].get_mut() &= !mask;
+            for bits in [&mut self.good, &mut self.rec] {
+                if let Some(page) = bits[p].get_mut() {
+                    *page[w].get_mut() &= !mask;
+                }
             }
         }
     }
@@ -282,6 +312,8 @@ struct Learnt {
     good: Vec<(Src, u64, u64)>,
     /// Blocks that failed, by source, and why (None: known to fail before this read).
     bad: Vec<(Src, u64, Option<Bad>)>,
+    /// Blocks whose piece record was found to give their entry.
+    rec: Vec<(Src, u64)>,
 }
 
 impl Learnt {
@@ -402,6 +434,7 @@ impl PointFile {
             self.find_latest(&mut c)?;
             if self.seq_now() != s0 {
                 (c.latest, c.latest_direct, c.latest_hashes) = (None, None, None);
+                c.latest_pieces = None;
                 c.gone = false;
                 return Ok(false);
             }
@@ -432,6 +465,7 @@ impl PointFile {
                     .open(&dp)
             }),
             hashes: Hashes::open_ro(&hp).ok(),
+            pieces: Pieces::open_ro(&hp, self.bs),
             data_path: dp,
         }))
     }
@@ -460,6 +494,7 @@ impl PointFile {
                         .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
                 });
                 c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
+                c.latest_pieces = Pieces::open_ro(&r.hash_file(self.id), self.bs);
                 c.latest_path = Some(e.path.clone());
             }
             None => c.gone = true,
@@ -574,6 +609,11 @@ impl PointFile {
         for (src, a, z) in l.good {
             if let Some(k) = Self::checked_of(c, src) {
                 k.set_good(a, z);
+            }
+        }
+        for (src, b) in l.rec {
+            if let Some(k) = Self::checked_of(c, src) {
+                k.set_rec(b);
             }
         }
         if l.bad.is_empty() {
@@ -696,6 +736,10 @@ impl PointFile {
         pos: u64,
         l: &mut Learnt,
     ) -> io::Result<()> {
+        // The pieces first: a block known to be bad may still have good pieces.
+        if self.read_pieces(c, src, k, b, part, pos, l)? {
+            return Ok(());
+        }
         if k.bad(b) {
             l.bad.push((src, b, None));
             return Ok(());
@@ -708,6 +752,75 @@ impl PointFile {
             part.copy_from_slice(&block[from..from + part.len()]);
             Ok(())
         })
+    }
+
+    /// Reads `part` (at `pos`, inside block `b`) through the 4 KiB pieces it touches,
+    /// checked against the block's piece record, the record against the block's hash
+    /// entry: a 4 KiB read of a 64 KiB block costs 4 KiB. False when that cannot tell
+    /// (no record, a record that does not give the entry, a piece that does not match):
+    /// then the whole block is read and checked, and that decides.
+    #[allow(clippy::too_many_arguments)]
+    fn read_pieces(
+        &self,
+        c: &Chain,
+        src: Src,
+        k: &Checked,
+        b: u64,
+        part: &mut [u8],
+        pos: u64,
+        l: &mut Learnt,
+    ) -> io::Result<bool> {
+        let start = b * self.bs;
+        let len = self.block_end(b) - start;
+        let Some(cv) = Self::pieces_of(c, src).filter(|_| len > PIECE) else {
+            return Ok(false);
+        };
+        let (first, last) = (
+            (pos - start) / PIECE,
+            (pos + part.len() as u64 - 1 - start) / PIECE,
+        );
+        // The record checked once per block (and source); then only its pieces' values.
+        let rec = if k.rec(b) {
+            cv.range(b, first, last + 1 - first)
+        } else {
+            let entry = match Self::hashes_of(c, src) {
+                Ok(Some(h)) => h.get(b).map_err(io::Error::other)?,
+                _ => return Ok(false),
+            };
+            match cv.get(b, len.div_ceil(PIECE)).map_err(io::Error::other)? {
+                Some(rec) if pieces::root(&rec, len) == Some(entry) => {
+                    l.rec.push((src, b));
+                    Ok(Some(rec[first as usize..=last as usize].to_vec()))
+                }
+                _ => return Ok(false),
+            }
+        };
+        let Some(want) = rec.map_err(io::Error::other)? else {
+            return Ok(false);
+        };
+        let (x, y) = (
+            start + first * PIECE,
+            (start + (last + 1) * PIECE).min(start + len),
+        );
+        with_scratch((y - x) as usize, |cover| {
+            Self::read_plain(c, src, cover, x)?;
+            for (i, p) in cover.chunks(PIECE as usize).enumerate() {
+                if pieces::piece(p, first + i as u64) != want[i] {
+                    return Ok(false);
+                }
+            }
+            let from = (pos - x) as usize;
+            part.copy_from_slice(&cover[from..from + part.len()]);
+            Ok(true)
+        })
+    }
+
+    fn pieces_of(c: &Chain, src: Src) -> Option<&Pieces> {
+        match src {
+            Src::Layer(i) => c.layers[i].pieces.as_ref(),
+            Src::Latest => c.latest_pieces.as_ref(),
+            Src::Zero => None,
+        }
     }
 
     /// One read from `src` (O_DIRECT where this reader has it and `chunk` is aligned);
@@ -849,6 +962,7 @@ mod tests {
             data: File::open("/dev/null").unwrap(),
             direct: None,
             hashes: None,
+            pieces: None,
             checked: Checked::new(n),
         }
     }

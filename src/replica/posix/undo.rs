@@ -22,6 +22,7 @@ use crate::error::{At, Error, Result};
 use crate::model::FileId;
 use crate::model::runs::{covers, minus, union};
 use crate::replica::posix::hashes::Hashes;
+use crate::replica::posix::pieces;
 use crate::sys::{self, read_full};
 
 pub const VERSION: u32 = 1;
@@ -53,15 +54,22 @@ pub fn hash_path(dir: &Path, id: FileId) -> PathBuf {
     dir.join(format!("{id}.hash"))
 }
 
-/// Copies the hash entries of `runs` from `src` (if it exists) to `dst`.
-fn copy_hashes(src: &Path, dst: &Path, runs: &[[u64; 2]]) -> Result<()> {
+/// Copies the hash entries of `runs`, and their piece records, from the index `src` (if
+/// it exists) to `dst`.
+fn copy_hashes(src: &Path, dst: &Path, runs: &[[u64; 2]], bs: u64) -> Result<()> {
     if !src.exists() || runs.is_empty() {
         return Ok(());
     }
     let from = Hashes::open_ro(src)?;
     let to = Hashes::open(dst)?;
     from.copy_to(&to, runs)?;
-    to.sync()
+    to.sync()?;
+    if let Some(from) = pieces::Pieces::open_ro(src, bs) {
+        let to = pieces::Pieces::open(dst, bs)?;
+        from.copy_to(&to, runs)?;
+        to.sync()?;
+    }
+    Ok(())
 }
 
 impl UndoIndex {
@@ -169,7 +177,7 @@ impl UndoWriter {
             .at(&p)?;
         let n = copy_blocks(src, &dst, &runs, self.bs, size).at(&p)?;
         dst.sync_all().at(&p)?;
-        copy_hashes(hashes, &hash_path(&self.tmp, id), &runs)?;
+        copy_hashes(hashes, &hash_path(&self.tmp, id), &runs, self.bs)?;
         let e = self.index.files.entry(id).or_default();
         e.blocks = union(e.blocks.iter().copied().chain(runs).collect());
         Ok(n)
@@ -212,9 +220,11 @@ pub fn merge(older: &Path, newer: &Path, bs: u64) -> Result<()> {
         match oi.files.get(id).cloned() {
             Some(of) if of.whole => {}
             None => {
+                let (oh, nh) = (hash_path(older, *id), hash_path(newer, *id));
                 for (o, n) in [
                     (op.clone(), np.clone()),
-                    (hash_path(older, *id), hash_path(newer, *id)),
+                    (pieces::path(&oh), pieces::path(&nh)),
+                    (oh, nh),
                 ] {
                     if n.exists() {
                         let _ = fs::remove_file(&o);
@@ -255,7 +265,7 @@ pub fn merge(older: &Path, newer: &Path, bs: u64) -> Result<()> {
                     )
                 };
                 copy_blocks(&src, &dst, &extra, bs, size).at(&op)?;
-                copy_hashes(&hash_path(newer, *id), &hash_path(older, *id), &extra)?;
+                copy_hashes(&hash_path(newer, *id), &hash_path(older, *id), &extra, bs)?;
                 dst.sync_all().at(&op)?;
                 oi.files.insert(*id, merged);
             }
