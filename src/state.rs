@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_now;
+use crate::model::lineage::{Epoch, Promotion, Why};
 use crate::model::new_id;
 use crate::model::{Group, Interval, Target};
 use crate::sys;
@@ -48,6 +49,24 @@ pub struct Config {
     /// On a primary: where and how it replicates (`drfs protect`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<Replication>,
+    /// On a promoted replica: the failover that made it a primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<Promotion>,
+    /// On a primary being failed over (`drfs failover --planned`): it is locked against
+    /// writes and `drfs mount` refuses it, until the failover completes (then it is a
+    /// replica) or is run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<Locked>,
+    /// The generation history, oldest first (`model::lineage`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lineage: Vec<Epoch>,
+}
+
+/// `[locked]`: a planned failover to `replica` began at `time`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Locked {
+    pub replica: String,
+    pub time: String,
 }
 
 /// `[replication]` in a primary's `state.toml`.
@@ -100,6 +119,18 @@ impl Replication {
     }
 }
 
+/// A new epoch of a lineage, beginning now.
+pub fn epoch(why: Why, peer: Option<&str>, point: Option<&str>) -> Epoch {
+    Epoch {
+        id: new_id(),
+        why,
+        time: rfc3339_now(),
+        time_ns: sys::now_ns() as i64,
+        peer: peer.map(str::to_string),
+        point: point.map(str::to_string),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StateDir {
     store: PathBuf,
@@ -145,6 +176,9 @@ impl StateDir {
             source: Some(source.to_string()),
             keep: Some(keep.to_string()),
             replication: None,
+            promoted: None,
+            locked: None,
+            lineage: vec![epoch(Why::Replica, Some(source), None)],
         };
         for d in ["", "points"] {
             let p = sd.dir.join(d);
@@ -160,6 +194,15 @@ impl StateDir {
         let sd = StateDir::new(store);
         if sd.exists() {
             let cfg = sd.config()?;
+            if let Some(l) = &cfg.locked {
+                return Err(Error::Invalid(format!(
+                    "{} is locked by a planned failover to {} (begun {}); run `drfs failover {} --planned` again to finish it",
+                    store.display(),
+                    l.replica,
+                    l.time,
+                    store.display()
+                )));
+            }
             if cfg.role == Role::Replica {
                 return Err(Error::Invalid(format!(
                     "{} is a drfs replica, not a primary store (after a failover it is promoted first)",
@@ -188,15 +231,24 @@ impl StateDir {
             source: None,
             keep: None,
             replication: None,
+            promoted: None,
+            locked: None,
+            lineage: vec![epoch(Why::Created, None, None)],
         };
+        sd.make_primary_dirs()?;
+        sd.write_config(&cfg)?;
+        Ok((sd, cfg))
+    }
+
+    /// The directories a primary's tracking keeps its state in.
+    pub fn make_primary_dirs(&self) -> Result<()> {
         for d in ["", "bitmaps", "log"] {
-            let p = sd.dir.join(d);
+            let p = self.dir.join(d);
             fs::create_dir_all(&p).at(&p)?;
             // Only root's business: the daemon runs with umask 0.
             fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).at(&p)?;
         }
-        sd.write_config(&cfg)?;
-        Ok((sd, cfg))
+        Ok(())
     }
 
     /// Opens an existing state directory; a store never mounted is an error.

@@ -42,6 +42,7 @@ fn manifest(entries: Vec<Entry>) -> Manifest {
         block_size: BS,
         groups: vec![],
         entries,
+        origin: None,
     }
 }
 

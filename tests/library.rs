@@ -199,6 +199,7 @@ fn ship(
         block_size: BS,
         groups: vec![(String::new(), time_ns)],
         entries: tree.entries(),
+        origin: None,
     };
     let cycle = Cycle {
         generation,
@@ -365,6 +366,7 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
         block_size: BS,
         groups: vec![],
         entries: t.entries(),
+        origin: None,
     };
     let cycle = Cycle {
         generation: 9,

@@ -183,6 +183,40 @@ pub enum Cmd {
         #[arg(long)]
         foreground: bool,
     },
+    /// Make a replica the primary: unplanned (where the replica is, the primary gone;
+    /// its files are rolled back in place to --point, default the newest), --commit to
+    /// end the choice of point, or --planned on the healthy primary (final cycle, then
+    /// the replica is promoted and this store becomes its replica).
+    Failover {
+        /// The replica (unplanned, --commit) or the primary store (--planned).
+        path: PathBuf,
+        /// The point to fail over to (`drfs points` lists them); default: the newest.
+        #[arg(long, conflicts_with_all = ["commit", "planned"])]
+        point: Option<String>,
+        /// End the failover: the point can no longer be changed (the history stays).
+        #[arg(long, conflicts_with = "planned")]
+        commit: bool,
+        /// A planned failover, run on the primary with its VMs stopped and unmounted: no
+        /// data is lost, and replication is reversed.
+        #[arg(long)]
+        planned: bool,
+    },
+    /// After an unplanned failover: make the old primary (back, diverged) the replica of
+    /// STORE; only blocks that differ travel, and what it held is kept as a point tagged
+    /// diverged on it.
+    Reprotect {
+        /// The store a failover promoted (the new primary).
+        store: PathBuf,
+        /// The old primary (unmounted).
+        #[arg(long)]
+        to: PathBuf,
+        /// Time between cycles; default: the old primary's.
+        #[arg(long)]
+        interval: Option<String>,
+        /// Retention policy; default: the old primary's.
+        #[arg(long)]
+        keep: Option<String>,
+    },
     /// Health and state of a store or a replica.
     Status {
         /// A store (or its mountpoint), or a replica directory.

@@ -39,6 +39,7 @@ fn cadence(s: &StoreStatus) -> String {
 
 pub fn store(s: &StoreStatus) -> String {
     let mut o = format!("store     {}\n", s.path);
+    o += &format!("role      {}\n", s.role);
     o += &format!("health    {:?}\n", s.health);
     for r in &s.reasons {
         o += &wrapped("  - ", r, 88);
@@ -99,11 +100,13 @@ pub fn store(s: &StoreStatus) -> String {
             if f.needs_resync { "yes" } else { "no" }
         );
     }
+    o += &history(&s.lineage);
     o
 }
 
 pub fn replica(s: &ReplicaStatus) -> String {
     let mut o = format!("replica   {}\n", s.path);
+    o += &format!("role      {}\n", s.role);
     o += &format!("health    {:?}\n", s.health);
     for r in &s.reasons {
         o += &wrapped("  - ", r, 88);
@@ -131,6 +134,7 @@ pub fn replica(s: &ReplicaStatus) -> String {
             s.path
         );
     }
+    o += &history(&s.lineage);
     o
 }
 
@@ -170,15 +174,37 @@ pub fn store_value(v: &serde_json::Value) -> String {
     }
 }
 
+/// The failover history, one line per epoch after the first.
+fn history(epochs: &[crate::model::lineage::Epoch]) -> String {
+    let mut o = String::new();
+    for e in epochs.iter().skip(1) {
+        let at = e
+            .point
+            .as_deref()
+            .map_or(String::new(), |p| format!(" at point {p}"));
+        let peer = e
+            .peer
+            .as_deref()
+            .map_or(String::new(), |p| format!(" ({p})"));
+        o += &format!("history   {} {}{at}{peer}\n", e.time, e.why.describe());
+    }
+    o
+}
+
 /// Points, newest first, as a table.
 pub fn points(points: &[PointInfo]) -> String {
     let mut o = format!(
-        "{:<10} {:<26} {:<12} {:>6} {:>12}\n",
+        "{:<10} {:<26} {:<12} {:>6} {:>12}  NOTE\n",
         "ID", "TIME (UTC)", "CONSISTENCY", "FILES", "CHANGED"
     );
     for p in points {
+        let note = match (&p.restores, p.diverged) {
+            (Some(r), _) => format!("failover: restores {r}"),
+            (None, true) => "diverged".to_string(),
+            _ => String::new(),
+        };
         o += &format!(
-            "{:<10} {:<26} {:<12} {:>6} {:>12}\n",
+            "{:<10} {:<26} {:<12} {:>6} {:>12}  {note}\n",
             p.id,
             p.time,
             format!("{:?}", p.consistency).to_lowercase(),
@@ -194,10 +220,15 @@ pub fn points_json(points: &[PointInfo]) -> serde_json::Value {
     points
         .iter()
         .map(|p| {
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "id": p.id, "time": p.time, "consistency": p.consistency,
                 "generation": p.generation, "files": p.files, "bytes_changed": p.bytes_changed,
-            })
+                "diverged": p.diverged,
+            });
+            if let Some(r) = &p.restores {
+                v["restores"] = serde_json::json!(r);
+            }
+            v
         })
         .collect()
 }
@@ -220,6 +251,46 @@ pub fn ship(r: &ShipReply) {
         };
         eprintln!("drfs: cycle failed ({kind}): {}", r.message);
     }
+}
+
+/// What `drfs failover` did, in lines.
+pub fn failed_over(f: &crate::ops::failover::FailedOver) -> String {
+    let mut out = String::new();
+    let s = f.store.display();
+    if f.already {
+        out += &format!(
+            "{s}: already failed over to point {}; nothing to do\n",
+            f.point
+        );
+        return out;
+    }
+    if let Some(old) = &f.demoted {
+        out += &format!(
+            "{s} is the primary now, at point {} (no data lost); {} is its replica and cycles flow back to it\n",
+            f.point,
+            old.display()
+        );
+        return out;
+    }
+    if f.committed {
+        out += &format!("{s}: the failover to point {} is committed\n", f.point);
+        return out;
+    }
+    match f.rolled {
+        Some((blocks, bytes)) => {
+            out += &format!(
+                "{s}: rolled back in place to point {} ({} rewritten in {}; newer points stay until --commit)\n",
+                f.point,
+                crate::model::fmt::human(bytes),
+                crate::model::fmt::plural(blocks, "block")
+            )
+        }
+        None => out += &format!("{s}: at point {}, nothing to roll back\n", f.point),
+    }
+    out += &format!(
+        "{s} is a primary store now: `drfs mount {s} MOUNTPOINT` and start its VMs; `drfs failover {s} --point ID` chooses another point until it is mounted; `drfs failover {s} --commit` ends the choice\n"
+    );
+    out
 }
 
 #[cfg(test)]

@@ -140,6 +140,18 @@ pub fn run(cli: Cli) -> Result<i32> {
             allow_other,
             foreground,
         ),
+        Cmd::Failover {
+            path,
+            point,
+            commit,
+            planned,
+        } => failover(&path, point.as_deref(), commit, planned),
+        Cmd::Reprotect {
+            store,
+            to,
+            interval,
+            keep,
+        } => reprotect(&store, &to, interval.as_deref(), keep.as_deref()),
         Cmd::Restore {
             replica,
             point,
@@ -254,6 +266,51 @@ fn status(path: &Path, json: bool) -> Result<i32> {
         Status::Store(v) if json => println!("{}", serde_json::to_string_pretty(&v)?),
         Status::Store(v) => print!("{}", render::store_value(&v)),
     }
+    Ok(0)
+}
+
+fn failover(path: &Path, point: Option<&str>, commit: bool, planned: bool) -> Result<i32> {
+    let f = if planned {
+        ops::failover::planned(path)?
+    } else if commit {
+        ops::failover::commit(path)?
+    } else {
+        ops::failover::unplanned(path, point)?
+    };
+    print!("{}", render::failed_over(&f));
+    Ok(0)
+}
+
+fn reprotect(store: &Path, to: &Path, interval: Option<&str>, keep: Option<&str>) -> Result<i32> {
+    let to = to.to_string_lossy();
+    let r = ops::reprotect::reprotect(
+        store,
+        &ops::reprotect::Reprotect {
+            to: &to,
+            interval,
+            keep,
+        },
+    )?;
+    println!(
+        "{}: what it held is kept as point {} (diverged)",
+        r.old.display(),
+        r.diverged.id
+    );
+    if r.cycle.code != 0 {
+        println!(
+            "{}: the first cycle back failed: {}",
+            r.store.display(),
+            r.cycle.message
+        );
+        return Ok(r.cycle.code);
+    }
+    println!(
+        "{} replicates to {} now: the first cycle sent {} (point {})",
+        r.store.display(),
+        r.old.display(),
+        crate::model::fmt::human(r.cycle.bytes),
+        r.cycle.point.as_deref().unwrap_or("-")
+    );
     Ok(0)
 }
 

@@ -60,6 +60,21 @@ pub struct Manifest {
     #[serde(default)]
     pub groups: Vec<(String, i64)>,
     pub entries: Vec<Entry>,
+    /// A point that is not a cut of the primary: a failover's roll-back to an older
+    /// point, or the state a store held when it diverged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where a point that is not a cut came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Origin {
+    /// A failover rolled the files back to point `point`: this point holds its content.
+    Restores { point: String },
+    /// What a store held when it was made the replica of another (`drfs reprotect`):
+    /// writes the other never got.
+    Diverged { store: String },
 }
 
 /// A reference to a replica's point.
@@ -83,6 +98,12 @@ pub struct PointInfo {
     pub bytes_changed: u64,
     pub time_ns: i64,
     pub cut_id: String,
+    /// What a store held when it diverged (see `Origin::Diverged`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub diverged: bool,
+    /// The point whose content a failover's roll-back made this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restores: Option<String>,
 }
 
 impl PointInfo {

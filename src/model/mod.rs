@@ -5,6 +5,7 @@
 
 pub mod fmt;
 pub mod id;
+pub mod lineage;
 pub mod manifest;
 pub mod progress;
 pub mod relpath;
@@ -14,7 +15,7 @@ pub mod settings;
 pub mod target;
 
 pub use id::{FileId, new_id};
-pub use manifest::{Consistency, Entry, Kind, Manifest, PointInfo, PointRef};
+pub use manifest::{Consistency, Entry, Kind, Manifest, Origin, PointInfo, PointRef};
 pub use relpath::RelPath;
 pub use settings::{Group, Interval};
 pub use target::Target;

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::lineage::Why;
+
 use crate::error::Result;
 use crate::model::FileId;
 use crate::model::PointInfo;
@@ -48,7 +50,11 @@ pub struct FileStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StoreStatus {
     pub path: String,
+    /// primary, promoted (by a failover), or locked by a planned failover.
     pub role: String,
+    /// The failover history: the store's epochs, oldest first.
+    #[serde(default)]
+    pub lineage: Vec<crate::model::lineage::Epoch>,
     pub mounted: bool,
     pub protected: bool,
     pub replica: Option<String>,
@@ -125,6 +131,17 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         health = health.max(h);
         reasons.push(why);
     };
+    if let (Some(p), None) = (&cfg.promoted, &rep) {
+        raise(
+            Health::Warning,
+            format!(
+                "failed over at {} to point {}; nothing replicates it: `drfs reprotect {} --to OLD_PRIMARY` or `drfs protect`",
+                p.time,
+                p.point,
+                sd.store().display()
+            ),
+        );
+    }
     if rep.is_some() {
         if let Some(c) = &st.critical {
             raise(Health::Critical, format!("replication stopped: {c}"));
@@ -191,7 +208,13 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         .collect();
     Ok(StoreStatus {
         path: sd.store().display().to_string(),
-        role: "primary".into(),
+        role: match (&cfg.promoted, &cfg.locked) {
+            (_, Some(_)) => "primary (locked by a planned failover)".into(),
+            (Some(p), None) if !p.committed => "promoted (failover not committed)".into(),
+            (Some(_), None) => "promoted".into(),
+            (None, None) => "primary".into(),
+        },
+        lineage: cfg.lineage.clone(),
         mounted,
         protected: rep.is_some(),
         replica: rep.as_ref().map(|r| r.target.to_string()),
@@ -224,7 +247,10 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
 #[derive(Debug, Serialize)]
 pub struct ReplicaStatus {
     pub path: String,
+    /// replica, or demoted (a primary that became this replica by a failover).
     pub role: &'static str,
+    /// The failover history: the replica's epochs, oldest first.
+    pub lineage: Vec<crate::model::lineage::Epoch>,
     pub source: Option<String>,
     pub keep: String,
     pub health: Health,
@@ -314,7 +340,12 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
     }
     Ok(ReplicaStatus {
         path: r.root.display().to_string(),
-        role: "replica",
+        role: if r.cfg.lineage.iter().any(|e| e.why == Why::Demoted) {
+            "demoted"
+        } else {
+            "replica"
+        },
+        lineage: r.cfg.lineage.clone(),
         source: r.cfg.source.clone(),
         keep: r
             .cfg

@@ -3,9 +3,11 @@
 //! `protect`, `ship`, `receive`, `status`, `browse`, `test_failover`.
 
 pub mod browse;
+pub mod failover;
 pub mod mount;
 pub mod protect;
 pub mod receive;
+pub mod reprotect;
 pub mod ship;
 pub mod status;
 pub mod test_failover;

@@ -298,6 +298,7 @@ fn exchange(
         block_size: cfg.block_size,
         groups: cut.groups.clone(),
         entries: cut.entries.clone(),
+        origin: None,
     };
     let c = Cycle {
         generation,

@@ -18,6 +18,7 @@ pub mod file;
 pub mod reconcile;
 pub mod recovery;
 pub mod run;
+pub mod seed;
 pub mod stamps;
 pub mod table;
 

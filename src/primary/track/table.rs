@@ -70,6 +70,15 @@ impl Table {
         Ok(t)
     }
 
+    /// A table of `files`, as if a snapshot held them (for a seeded store).
+    pub fn seeded(files: Vec<FileEntry>) -> Table {
+        let mut t = Table::default();
+        for f in files {
+            t.insert(f);
+        }
+        t
+    }
+
     pub fn save(&self, state: &Path) -> Result<()> {
         let mut files: Vec<FileEntry> = self.files.values().cloned().collect();
         files.sort_by(|a, b| a.paths.cmp(&b.paths));

@@ -28,7 +28,7 @@ use crate::model::FileId;
 use crate::model::PointInfo;
 use crate::model::manifest::point_id;
 use crate::model::relpath::RelPath;
-use crate::model::{Entry, Kind, Manifest};
+use crate::model::{Entry, Kind, Manifest, Origin};
 use crate::replica::posix::Replica;
 use crate::replica::posix::incoming::Incoming;
 use crate::replica::posix::pieces::{self, Pieces};
@@ -695,6 +695,11 @@ fn publish(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<PointInfo> {
         bytes_changed: inc.bytes(),
         time_ns: m.time_ns,
         cut_id: m.cut_id.clone(),
+        diverged: matches!(m.origin, Some(Origin::Diverged { .. })),
+        restores: match &m.origin {
+            Some(Origin::Restores { point }) => Some(point.clone()),
+            _ => None,
+        },
     };
     let ip = dir.join("point.json");
     let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;

@@ -7,11 +7,13 @@
 //! `undo`), `incoming/` (the cycle being received), `journal.json` (an apply in progress)
 //! and `hold/` (files in transit during an apply).
 
+pub mod adopt;
 pub mod apply;
 pub mod hashes;
 pub mod incoming;
 pub mod pieces;
 pub mod read;
+pub mod rollback;
 pub mod store;
 pub mod tree;
 pub mod undo;
@@ -59,7 +61,8 @@ impl Replica {
             )));
         }
         let cfg = sd.config()?;
-        if cfg.role != Role::Replica {
+        // A promoted replica is a primary now, and its points are its history.
+        if cfg.role != Role::Replica && cfg.promoted.is_none() {
             return Err(Error::Invalid(format!(
                 "{} is a primary store, not a replica",
                 root.display()
@@ -87,6 +90,20 @@ impl Replica {
         }
         StateDir::init_replica(&canon, source, block_size, keep)?;
         Replica::open(&canon)
+    }
+
+    /// Refuses to take cycles once promoted (`drfs failover`): the store that sends them
+    /// is no longer this one's primary (the split-brain guard).
+    pub fn refuse_if_promoted(&self) -> Result<()> {
+        let Some(p) = &self.cfg.promoted else {
+            return Ok(());
+        };
+        Err(Error::operator(format!(
+            "{} was promoted at {} (failover to point {}); this store is no longer its primary; see `drfs reprotect`",
+            self.root.display(),
+            p.time,
+            p.point
+        )))
     }
 
     pub fn is_replica(root: &Path) -> bool {

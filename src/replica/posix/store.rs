@@ -71,6 +71,7 @@ impl Receiving {
         } else {
             Replica::open(root)?
         };
+        r.refuse_if_promoted()?;
         if init && r.cfg.keep.as_deref() != Some(keep) && r.cfg.source.as_deref() == Some(store_id)
         {
             let mut cfg = r.cfg.clone();

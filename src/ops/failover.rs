@@ -1,0 +1,507 @@
+//! `drfs failover`: the replica becomes the primary.
+//!
+//! - **Unplanned** (`drfs failover REPLICA [--point ID]`, where the replica is, the
+//!   primary gone): the latest files are rolled back in place to the chosen point (none
+//!   to roll back for the newest) through the undo records (`replica::posix::rollback`),
+//!   the tracking is seeded so the files keep their ids and nothing is dirty
+//!   (`primary::track::seed`), and `state.toml` makes it a primary with a `promoted`
+//!   record and a new epoch. Until `--commit` it may be run again with another point,
+//!   as long as the promoted store has not been mounted (its writes would be lost).
+//! - **Planned** (`drfs failover STORE --planned`, on the healthy primary, unmounted):
+//!   the store is locked (`drfs mount` refuses it), a final cycle ships, the replica's
+//!   latest point is checked to be the store's state, the replica is promoted with
+//!   replication back to the old primary, and the old primary becomes its replica with
+//!   the same point (`replica::posix::adopt`): the next cycle ships only new writes.
+//!
+//! Crash safety: each step is idempotent and the switch of each side is one atomic
+//! `state.toml` write, in the order lock old, promote new, demote old; running the same
+//! command again after a crash at any step completes it. A locked primary is never
+//! mounted, and a promoted replica refuses every cycle (`Replica::refuse_if_promoted`):
+//! there are never two primaries that both accept cycles.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{At, Error, Result};
+use crate::model::fmt::rfc3339_now;
+use crate::model::lineage::{Promotion, Why};
+use crate::model::{PointInfo, Target};
+use crate::primary::cycle::CycleState;
+use crate::primary::track::{self, seed};
+use crate::replica::posix::Replica;
+use crate::replica::posix::adopt::{self, Index};
+use crate::replica::posix::rollback;
+use crate::state::{Locked, Replication, Role, StateDir, epoch};
+use crate::sys;
+
+/// What a failover did.
+#[derive(Debug, Clone)]
+pub struct FailedOver {
+    /// The store that is the primary now.
+    pub store: PathBuf,
+    /// The point its files are.
+    pub point: String,
+    /// The latest point of its history (for a roll-back, the new point holding the
+    /// chosen point's content).
+    pub latest: PointInfo,
+    /// Blocks and bytes rewritten by a roll-back (none: nothing to roll back).
+    pub rolled: Option<(u64, u64)>,
+    /// A planned failover: the old primary, now its replica.
+    pub demoted: Option<PathBuf>,
+    pub committed: bool,
+    /// The command had already completed: nothing was done.
+    pub already: bool,
+}
+
+fn canonical(p: &Path, what: &str) -> Result<PathBuf> {
+    p.canonicalize()
+        .map_err(|e| Error::Invalid(format!("{what} {}: {e}", p.display())))
+}
+
+/// The lock `drfs receive` takes on a replica: no cycle applies meanwhile.
+fn receive_lock(root: &Path) -> Result<File> {
+    let dir = File::open(root).at(root)?;
+    sys::flock(&dir, libc::LOCK_EX).at(root)?;
+    Ok(dir)
+}
+
+/// Refuses while a drfs filesystem of `root` is mounted.
+fn not_mounted(root: &Path, what: &str) -> Result<()> {
+    if let Some(m) = crate::fuse::mountinfo::of_store(root).first() {
+        return Err(Error::operator(format!(
+            "{} is mounted at {}: {what}",
+            root.display(),
+            m.mountpoint.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses while a test failover of the replica runs.
+fn no_test_failover(r: &Replica) -> Result<()> {
+    if let Some(t) = crate::mounts::test_failover::running(r) {
+        return Err(Error::operator(format!(
+            "a test failover of {} is running at {}; stop it first (`drfs test-failover --stop {}`)",
+            r.root.display(),
+            t.at.display(),
+            r.root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The point `want` names (a roll-back's point stands for the one it restores), or the
+/// newest cut: the latest point before any failover.
+fn chosen(r: &Replica, want: Option<&str>) -> Result<PointInfo> {
+    let points = r.points()?;
+    let by_id = |id: &str| points.iter().find(|p| p.id == id).cloned();
+    let id = match want {
+        Some(w) => w.to_string(),
+        None => match &r.cfg.promoted {
+            Some(p) => p.latest_before.clone(),
+            None => r
+                .latest()?
+                .map(|p| p.id)
+                .ok_or_else(|| Error::Invalid(format!("{} has no point yet", r.root.display())))?,
+        },
+    };
+    let p = by_id(&id).ok_or_else(|| {
+        Error::Invalid(format!(
+            "no point {id} on {}; `drfs points {}` lists them",
+            r.root.display(),
+            r.root.display()
+        ))
+    })?;
+    match &p.restores {
+        Some(orig) => by_id(orig).ok_or_else(|| {
+            Error::Invalid(format!(
+                "point {id} restores point {orig}, which is no longer on {}",
+                r.root.display()
+            ))
+        }),
+        None => Ok(p),
+    }
+}
+
+/// `drfs failover REPLICA [--point ID]`.
+pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
+    let root = canonical(root, "replica")?;
+    let _lock = receive_lock(&root)?;
+    let r = Replica::open(&root)?;
+    if let Some(p) = &r.cfg.promoted {
+        if p.committed {
+            return Err(Error::operator(format!(
+                "the failover of {} to point {} was committed; the point can no longer be changed",
+                root.display(),
+                p.point
+            )));
+        }
+        if track::run::info(&r.sd).is_some() {
+            return Err(Error::operator(format!(
+                "{} has been mounted since its failover to point {}: a change of point would lose what its VMs wrote (keeping that as a diverged point is not supported yet); keep it, or `drfs failover {} --commit`",
+                root.display(),
+                p.point,
+                root.display()
+            )));
+        }
+    }
+    not_mounted(&root, "unmount it before changing its point")?;
+    no_test_failover(&r)?;
+    let target = chosen(&r, point)?;
+    let latest = r
+        .latest()?
+        .ok_or_else(|| Error::Invalid(format!("{} has no point yet", root.display())))?;
+    let at_target = latest.id == target.id || latest.restores.as_deref() == Some(&target.id);
+    if at_target
+        && r.cfg
+            .promoted
+            .as_ref()
+            .is_some_and(|p| p.point == target.id)
+    {
+        return Ok(FailedOver {
+            store: root.clone(),
+            point: target.id,
+            latest,
+            rolled: None,
+            demoted: None,
+            committed: false,
+            already: true,
+        });
+    }
+    let before = latest_before(&r, &latest);
+    let (latest, rolled) = if at_target {
+        (latest, None)
+    } else {
+        let done = rollback::roll_back(&r, &target)?;
+        crate::sys::fault::hit("failover:rolled-back");
+        (done.point, Some((done.blocks, done.bytes)))
+    };
+    promote(&r, &target, &latest, &before, false)?;
+    let line = match rolled {
+        Some((_, bytes)) => format!(
+            "failover: promoted to a primary at point {} (rolled back in place from point {}: {} rewritten)",
+            target.id,
+            before,
+            crate::model::fmt::human(bytes)
+        ),
+        None => format!("failover: promoted to a primary at point {}", target.id),
+    };
+    log(&r.sd, &line);
+    Ok(FailedOver {
+        store: root,
+        point: target.id,
+        latest,
+        rolled,
+        demoted: None,
+        committed: false,
+        already: false,
+    })
+}
+
+/// The newest cut before any failover (`latest`, the first time).
+fn latest_before(r: &Replica, latest: &PointInfo) -> String {
+    r.cfg
+        .promoted
+        .as_ref()
+        .map_or_else(|| latest.id.clone(), |p| p.latest_before.clone())
+}
+
+/// Makes the replica `r` (its files at point `at`, its latest point `latest`) a primary;
+/// `before` was its latest point when the first failover began.
+fn promote(
+    r: &Replica,
+    at: &PointInfo,
+    latest: &PointInfo,
+    before: &str,
+    planned: bool,
+) -> Result<()> {
+    let m = r.manifest(&latest.id)?;
+    seed::seed(&r.sd, &adopt::files_of(&m))?;
+    crate::sys::fault::hit("failover:seeded");
+    let mut cfg = r.sd.config()?;
+    let why = if cfg.promoted.is_some() {
+        Why::RolledBack
+    } else {
+        Why::Promoted
+    };
+    let from = cfg.source.clone().unwrap_or_default();
+    cfg.lineage.push(epoch(why, Some(&from), Some(&at.id)));
+    cfg.promoted = Some(Promotion {
+        from,
+        time: rfc3339_now(),
+        time_ns: sys::now_ns() as i64,
+        point: at.id.clone(),
+        latest_before: before.to_string(),
+        planned,
+        committed: planned,
+    });
+    cfg.role = Role::Primary;
+    r.sd.write_config(&cfg)
+}
+
+/// `drfs failover STORE --commit`: the point can no longer be changed.
+pub fn commit(store: &Path) -> Result<FailedOver> {
+    let root = canonical(store, "store")?;
+    let _lock = receive_lock(&root)?;
+    let r = Replica::open(&root)?;
+    let Some(p) = r.cfg.promoted.clone() else {
+        return Err(Error::Invalid(format!(
+            "{} is a replica that was not failed over: nothing to commit (`drfs failover {}` first)",
+            root.display(),
+            root.display()
+        )));
+    };
+    let latest = r
+        .latest()?
+        .ok_or_else(|| Error::Invalid(format!("{} has no point", root.display())))?;
+    if p.committed {
+        return Ok(FailedOver {
+            store: root,
+            point: p.point,
+            latest,
+            rolled: None,
+            demoted: None,
+            committed: true,
+            already: true,
+        });
+    }
+    let mut cfg = r.cfg.clone();
+    if let Some(q) = cfg.promoted.as_mut() {
+        q.committed = true;
+    }
+    r.sd.write_config(&cfg)?;
+    log(&r.sd, &format!("failover: committed at point {}", p.point));
+    Ok(FailedOver {
+        store: root,
+        point: p.point,
+        latest,
+        rolled: None,
+        demoted: None,
+        committed: true,
+        already: false,
+    })
+}
+
+/// One line in the store's daemon log (`DIR/.drfs/daemon.log`).
+fn log(sd: &StateDir, line: &str) {
+    if let Ok(cfg) = sd.config() {
+        let _ = crate::ops::note(sd, &cfg.store_id, line);
+    }
+}
+
+/// `drfs failover STORE --planned`.
+pub fn planned(store: &Path) -> Result<FailedOver> {
+    let root = canonical(store, "store")?;
+    let (sd, cfg) = StateDir::open(&root)?;
+    if cfg.role == Role::Replica {
+        return already_demoted(&root, &cfg);
+    }
+    let rep = cfg.replication.clone().ok_or_else(|| {
+        Error::operator(format!(
+            "{} is not protected: a planned failover needs a replica (`drfs protect`)",
+            root.display()
+        ))
+    })?;
+    let Target::Local(replica) = rep.target.clone() else {
+        return Err(Error::Invalid(format!(
+            "a planned failover to {} is not supported yet: run it where both are local",
+            rep.target
+        )));
+    };
+    let replica = canonical(&replica, "replica")?;
+    not_mounted(
+        &root,
+        "stop its VMs and unmount it first (`drfs unmount`); a planned failover of a mounted store is not supported yet",
+    )?;
+    lock(&sd, &replica)?;
+    crate::sys::fault::hit("planned:locked");
+    let promoted_from_us = Replica::open_only(&replica)
+        .ok()
+        .and_then(|r| r.cfg.promoted.clone())
+        .is_some_and(|p| p.planned && p.from == cfg.store_id);
+    if !promoted_from_us {
+        final_cycle(&sd, &root)?;
+        crate::sys::fault::hit("planned:shipped");
+        let r = Replica::open(&replica)?;
+        check_equal(&sd, &r)?;
+        let latest = r
+            .latest()?
+            .ok_or_else(|| Error::Invalid(format!("{} has no point", replica.display())))?;
+        {
+            let _lock = receive_lock(&replica)?;
+            promote(&r, &latest, &latest, &latest.id, true)?;
+        }
+        crate::sys::fault::hit("planned:promoted");
+    }
+    let r = Replica::open(&replica)?;
+    let latest = r
+        .latest()?
+        .ok_or_else(|| Error::Invalid(format!("{} has no point", replica.display())))?;
+    reverse(&r, &root, &rep, &latest)?;
+    crate::sys::fault::hit("planned:reversed");
+    demote(&sd, &r, &latest)?;
+    log(
+        &r.sd,
+        &format!(
+            "failover: planned failover from {} at point {}; it is now this store's replica",
+            root.display(),
+            latest.id
+        ),
+    );
+    log(
+        &sd,
+        &format!(
+            "failover: planned failover to {} at point {}; this store is its replica now",
+            replica.display(),
+            latest.id
+        ),
+    );
+    Ok(FailedOver {
+        store: replica,
+        point: latest.id.clone(),
+        latest,
+        rolled: None,
+        demoted: Some(root),
+        committed: true,
+        already: false,
+    })
+}
+
+/// A store already demoted by a planned failover: the command completed before.
+fn already_demoted(root: &Path, cfg: &crate::state::Config) -> Result<FailedOver> {
+    let demoted = cfg
+        .lineage
+        .last()
+        .filter(|e| e.why == Why::Demoted)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} is a replica: run a planned failover on its primary",
+                root.display()
+            ))
+        })?;
+    let r = Replica::open_only(root)?;
+    let latest = r
+        .latest()?
+        .ok_or_else(|| Error::Invalid(format!("{} has no point", root.display())))?;
+    Ok(FailedOver {
+        store: PathBuf::from(demoted.peer.clone().unwrap_or_default()),
+        point: latest.id.clone(),
+        latest,
+        rolled: None,
+        demoted: Some(root.to_path_buf()),
+        committed: true,
+        already: true,
+    })
+}
+
+/// Locks the store against mounts for the failover to `replica`.
+fn lock(sd: &StateDir, replica: &Path) -> Result<()> {
+    let mut cfg = sd.config()?;
+    if cfg.locked.is_none() {
+        cfg.locked = Some(Locked {
+            replica: replica.display().to_string(),
+            time: rfc3339_now(),
+        });
+        sd.write_config(&cfg)?;
+    }
+    Ok(())
+}
+
+fn unlock(sd: &StateDir) -> Result<()> {
+    let mut cfg = sd.config()?;
+    cfg.locked = None;
+    sd.write_config(&cfg)
+}
+
+/// Ships what is left; a failure unlocks the store again (nothing changed anywhere).
+fn final_cycle(sd: &StateDir, root: &Path) -> Result<()> {
+    let reply = crate::ops::ship::ship(root, false, None)?;
+    if reply.code != 0 {
+        unlock(sd)?;
+        return Err(Error::Refused {
+            message: format!(
+                "the final cycle failed, so nothing was failed over (the store is unlocked): {}",
+                reply.message
+            ),
+            class: crate::error::Class::from_exit_code(Some(reply.code)),
+        });
+    }
+    Ok(())
+}
+
+/// Zero data loss: nothing is left unshipped, and the replica's latest point is the
+/// point this store last shipped.
+fn check_equal(sd: &StateDir, r: &Replica) -> Result<()> {
+    let cfg = sd.config()?;
+    let st = CycleState::load(sd)?;
+    let latest = r.latest()?;
+    if latest.as_ref().map(|p| &p.id) != st.point.as_ref() {
+        return Err(Error::operator(format!(
+            "the replica's latest point ({}) is not the one this store last shipped ({}); nothing was failed over",
+            latest.map_or("none".into(), |p| p.id),
+            st.point.unwrap_or_else(|| "none".into())
+        )));
+    }
+    let table = track::load_table(sd)?;
+    for f in table.entries() {
+        let dirty = track::bitmap_ranges(sd, cfg.block_size, f.id)?;
+        if !dirty.is_empty() || f.needs_resync {
+            let path = f.paths.first().map_or(String::new(), |p| p.to_string());
+            unlock(sd)?;
+            return Err(Error::operator(format!(
+                "{path} still has changes the final cycle did not ship; nothing was failed over"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The promoted replica replicates back to the old primary, from the point they share.
+fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Result<()> {
+    let old_id = StateDir::new(old).config()?.store_id;
+    let mut cfg = r.sd.config()?;
+    cfg.replication = Some(Replication {
+        target: Target::Local(old.to_path_buf()),
+        interval: rep.interval,
+        keep: rep.keep.clone(),
+        group: rep.group,
+        replica_id: old_id.clone(),
+        expect_every: rep.expect_every,
+        paused: None,
+    });
+    let st = CycleState {
+        version: crate::primary::cycle::STATE_VERSION,
+        replica_id: Some(old_id),
+        generation: Some(latest.generation),
+        point: Some(latest.id.clone()),
+        point_time_ns: Some(latest.time_ns),
+        ..Default::default()
+    };
+    st.save(&r.sd)?;
+    r.sd.write_config(&cfg)
+}
+
+/// The old primary becomes the replica of `r`, at `r`'s latest point.
+fn demote(sd: &StateDir, r: &Replica, latest: &PointInfo) -> Result<()> {
+    let m = r.manifest(&latest.id)?;
+    adopt::adopt(sd, &m, Index::CopyFrom(r))?;
+    crate::sys::fault::hit("planned:adopted");
+    let mut cfg = sd.config()?;
+    let keep = cfg.replication.as_ref().map(|x| x.keep.clone());
+    let cs = sd.path("cycle.json");
+    if cs.exists() {
+        std::fs::remove_file(&cs).at(&cs)?;
+    }
+    cfg.role = Role::Replica;
+    cfg.source = Some(r.cfg.store_id.clone());
+    cfg.keep = keep.or(cfg.keep);
+    cfg.replication = None;
+    cfg.locked = None;
+    cfg.promoted = None;
+    cfg.lineage.push(epoch(
+        Why::Demoted,
+        Some(&r.root.display().to_string()),
+        Some(&latest.id),
+    ));
+    sd.write_config(&cfg)
+}

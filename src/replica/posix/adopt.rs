@@ -1,0 +1,105 @@
+//! Making a directory that holds a store's files into a replica whose latest point is
+//! those files, in place: the old primary after a failover. A planned failover demotes
+//! it with the hash index of the replica it just equalled (the files are the same, so
+//! the index is copied, not computed); a reprotect after an unplanned failover keeps
+//! what it held as a point tagged `diverged` and computes its index (every block read
+//! once), so the next cycle compares block hashes and sends only the blocks that differ,
+//! and the apply keeps the diverged blocks in that point's undo record.
+//!
+//! Nothing is a replica until the caller writes the replica's `state.toml`: what this
+//! writes first (the point, the index) is inert in a primary's state directory, so a
+//! crash before that leaves the primary as it was.
+
+use std::fs;
+
+use crate::error::{At, Error, Result};
+use crate::model::manifest::point_id;
+use crate::model::{Kind, Manifest, Origin, PointInfo};
+use crate::replica::posix::{Replica, hashes, pieces};
+use crate::state::StateDir;
+use crate::sys;
+
+/// Where the latest files' hash index comes from.
+pub enum Index<'a> {
+    /// A replica whose latest files are byte for byte these.
+    CopyFrom(&'a Replica),
+    /// Read every block of the files.
+    Compute,
+}
+
+/// Writes, in `sd`'s state directory, point `m` (the files as they are) as the latest
+/// point, and the hash index of its files.
+pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo> {
+    let hdir = sd.path("hashes");
+    if hdir.exists() {
+        fs::remove_dir_all(&hdir).at(&hdir)?;
+    }
+    fs::create_dir_all(&hdir).at(&hdir)?;
+    for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
+        let Some(id) = e.id else { continue };
+        let dst = hashes::path(&hdir, id);
+        match &index {
+            Index::CopyFrom(r) => {
+                let src = r.hash_file(id);
+                if !src.exists() {
+                    continue;
+                }
+                fs::copy(&src, &dst).at(&dst)?;
+                let (cs, cd) = (pieces::path(&src), pieces::path(&dst));
+                if cs.exists() {
+                    fs::copy(&cs, &cd).at(&cd)?;
+                }
+            }
+            Index::Compute => {
+                let abs = e.path.under(sd.store());
+                let f = fs::File::open(&abs).at(&abs)?;
+                hashes::compute(&f, e.size, m.block_size, &dst)?;
+            }
+        }
+    }
+    for d in ["incoming", "hold"] {
+        let p = sd.path(d);
+        if p.exists() {
+            fs::remove_dir_all(&p).at(&p)?;
+        }
+    }
+    let id = point_id(m.generation);
+    let dir = sd.path(&format!("points/{id}"));
+    if dir.exists() {
+        fs::remove_dir_all(&dir).at(&dir)?;
+    }
+    fs::create_dir_all(&dir).at(&dir)?;
+    let mp = dir.join("manifest.json");
+    let body = serde_json::to_vec(m).map_err(Error::encode)?;
+    sys::write_atomic(&mp, &body).at(&mp)?;
+    let info = PointInfo {
+        id: id.clone(),
+        time: m.time.clone(),
+        consistency: m.consistency,
+        generation: m.generation,
+        files: m.entries.iter().filter(|e| e.kind == Kind::File).count(),
+        bytes_changed: 0,
+        time_ns: m.time_ns,
+        cut_id: m.cut_id.clone(),
+        diverged: matches!(m.origin, Some(Origin::Diverged { .. })),
+        restores: None,
+    };
+    let ip = dir.join("point.json");
+    let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;
+    sys::write_atomic(&ip, &body).at(&ip)?;
+    let lp = sd.path("latest");
+    sys::write_atomic(&lp, id.as_bytes()).at(&lp)?;
+    sys::fsync_dir(&sd.path("")).at(&sd.path(""))?;
+    Ok(info)
+}
+
+/// A manifest's file entries grouped by id: (id, its paths).
+pub fn files_of(m: &Manifest) -> Vec<(crate::model::FileId, Vec<crate::model::RelPath>)> {
+    let mut by: std::collections::BTreeMap<_, Vec<_>> = Default::default();
+    for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
+        if let Some(id) = e.id {
+            by.entry(id).or_default().push(e.path.clone());
+        }
+    }
+    by.into_iter().collect()
+}

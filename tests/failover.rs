@@ -1,0 +1,458 @@
+//! Failover, failback and reprotect on real mounts: unplanned failover to the newest and
+//! older points (rolled back in place, at a cost of the blocks between them), changes
+//! of point, commit, the split-brain guard, planned failover with reverse replication and
+//! failback with no resync, reprotect of a diverged old primary (only differing blocks
+//! travel, its writes kept as a `diverged` point, readable through browse), a SIGKILL at
+//! every step of a planned failover and of a reprotect, and bad input.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+
+use common::rep::{Rep, same_tree, same_tree_excluding_state};
+use common::*;
+
+const M: u64 = 1 << 20;
+const G: u64 = 1 << 30;
+
+fn random_at(p: &Path, off: u64, len: u64) {
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64k seek={} count={} conv=notrunc status=none",
+        p.display(),
+        off / 65536,
+        len / 65536
+    ));
+}
+
+fn sparse(p: &Path, size: u64) {
+    fs::File::create(p).unwrap().set_len(size).unwrap();
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The figure before `what` in a line of `drfs failover` output ("12.0 MiB" → bytes).
+fn bytes_in(text: &str, what: &str) -> u64 {
+    let at = text
+        .find(what)
+        .unwrap_or_else(|| panic!("{what:?} not in {text:?}"));
+    let words: Vec<&str> = text[..at].split_whitespace().collect();
+    let (n, unit) = (words[words.len() - 2], words[words.len() - 1]);
+    let n: f64 = n.trim_start_matches('(').parse().unwrap();
+    let mul = match unit {
+        "B" | "bytes" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => M as f64,
+        "GiB" => G as f64,
+        u => panic!("unit {u} in {text:?}"),
+    };
+    (n * mul) as u64
+}
+
+/// Runs a cycle of `store`; the bytes it sent, and its record.
+fn ship_sent(store: &Path) -> (u64, serde_json::Value) {
+    ok(drfs().arg("ship").arg(store));
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join(".drfs/cycle.json")).unwrap()).unwrap();
+    (st["last"]["bytes"].as_u64().unwrap(), st["last"].clone())
+}
+
+fn failover(dir: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = drfs();
+    c.arg("failover").arg(dir).args(extra);
+    c
+}
+
+fn status_json(p: &Path) -> serde_json::Value {
+    let out = ok(drfs().arg("status").arg(p).arg("--json"));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn points_json(p: &Path) -> Vec<serde_json::Value> {
+    let out = ok(drfs().arg("points").arg(p).arg("--json"));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A primary with three points on a 4 GiB sparse disk: p1 (16 MiB written, a.txt),
+/// p2 (8 MiB rewritten, a.txt deleted, b.txt created), p3 (4 MiB more, vm/c.txt).
+fn three_points(name: &str) -> (Rep, [String; 3]) {
+    let r = Rep::new(name, "manual", "all:1d");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    sparse(&disk, 4 * G);
+    random_at(&disk, 0, 8 * M);
+    random_at(&disk, 2 * G, 8 * M);
+    fs::write(f.m("a.txt"), b"in p1 only\n").unwrap();
+    let p1 = r.ship();
+    random_at(&disk, 4 * M, 8 * M);
+    fs::remove_file(f.m("a.txt")).unwrap();
+    fs::write(f.m("b.txt"), b"from p2 on\n").unwrap();
+    let p2 = r.ship();
+    random_at(&disk, 3 * G, 4 * M);
+    fs::create_dir(f.m("vm")).unwrap();
+    fs::write(f.m("vm/c.txt"), b"p3\n").unwrap();
+    let p3 = r.ship();
+    f.unmount();
+    (r, [p1, p2, p3])
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit() {
+    let (r, [p1, p2, p3]) = three_points("unplanned");
+    let rep = &r.replica;
+    // To an older point: the files are p1's; what was rewritten is the blocks between.
+    let out = ok(&mut failover(rep, &["--point", &p1]));
+    let text = stdout(&out);
+    println!("{text}");
+    same_tree_excluding_state(&r.snaps.join(&p1), rep, "failed over to p1");
+    let rewritten = bytes_in(&text, "rewritten");
+    println!("failover to p1 of a 4 GiB disk rewrote {rewritten} bytes");
+    assert!(
+        rewritten <= 13 * M,
+        "rewrote {rewritten} bytes: more than the 12 MiB written after p1"
+    );
+    // Newer points stay, and so does the history of what the failover did.
+    let pts = points_json(rep);
+    for p in [&p1, &p2, &p3] {
+        assert!(pts.iter().any(|x| x["id"] == p.as_str()), "{p} gone");
+    }
+    assert_eq!(pts[0]["restores"], p1.as_str(), "{pts:?}");
+    // Change of point, twice, before mounting.
+    ok(&mut failover(rep, &["--point", &p2]));
+    same_tree_excluding_state(&r.snaps.join(&p2), rep, "changed to p2");
+    let out = ok(&mut failover(rep, &[]));
+    println!("{}", stdout(&out));
+    same_tree_excluding_state(&r.snaps.join(&p3), rep, "changed to the newest");
+    r.check_point(&p1);
+    // Once more to p2, then the promoted store is a primary: it mounts, its files are
+    // trusted, and it is written.
+    ok(&mut failover(rep, &["--point", &p2]));
+    let st = status_json(rep);
+    println!("{st:#}");
+    let mnt2 = r.f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(rep).arg(&mnt2));
+    let c = ok(drfs().arg("changes").arg(rep).arg("--json"));
+    let c: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+    for f in c["files"].as_array().unwrap() {
+        assert_eq!(f["needs_resync"], false, "{f}");
+    }
+    random_at(&mnt2.join("disk.raw"), 64 * M, M);
+    ok(drfs().arg("unmount").arg(&mnt2));
+    // Its writes would be lost by a change of point now: refused.
+    fails(
+        failover(rep, &["--point", &p1]).output().unwrap(),
+        "mounted since its failover",
+    );
+    ok(&mut failover(rep, &["--commit"]));
+    fails(
+        failover(rep, &["--point", &p3]).output().unwrap(),
+        "was committed",
+    );
+    // The history is still browsable.
+    assert!(points_json(rep).len() >= 3);
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn the_old_primary_is_refused_once_its_replica_was_promoted() {
+    let (r, [_, _, p3]) = three_points("splitbrain");
+    ok(&mut failover(&r.replica, &[]));
+    let before = points_json(&r.replica).len();
+    r.f.mount(&[]);
+    random_at(&r.f.m("disk.raw"), 0, M);
+    let out = r.ship_output();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    fails(out, "was promoted");
+    let st = status_json(&r.f.store);
+    assert_eq!(st["health"], "critical", "{st:#}");
+    assert_eq!(points_json(&r.replica).len(), before, "a point was added");
+    same_tree_excluding_state(&r.snaps.join(&p3), &r.replica, "the promoted store");
+    // Reprotect in the wrong direction: the old primary was not promoted.
+    r.f.unmount();
+    let out = drfs()
+        .arg("reprotect")
+        .arg(&r.f.store)
+        .arg("--to")
+        .arg(&r.replica)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    fails(out, "was not promoted by a failover");
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn planned_failover_reverses_replication_and_failback_needs_no_resync() {
+    let r = Rep::new("planned", "manual", "all:1d");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    sparse(&disk, 4 * G);
+    random_at(&disk, 0, 16 * M);
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {base} 256M && qemu-io -f qcow2 -c 'write -P 7 0 8M' {base} >/dev/null && qemu-img create -q -f qcow2 -F qcow2 -b base.qcow2 {top} && qemu-io -f qcow2 -c 'write -P 9 1M 2M' {top} >/dev/null",
+        base = f.m("base.qcow2").display(),
+        top = f.m("top.qcow2").display()
+    ));
+    r.ship();
+    // Writes up to the stop.
+    random_at(&disk, 32 * M, 4 * M);
+    sh(&format!(
+        "qemu-io -f qcow2 -t none -c 'write -P 5 4M 1M' {} >/dev/null",
+        f.m("top.qcow2").display()
+    ));
+    f.unmount();
+    let out = ok(&mut failover(&f.store, &["--planned"]));
+    println!("{}", stdout(&out));
+    // The new primary's files are the old primary's, byte for byte.
+    same_tree_excluding_state(&f.store, &r.replica, "after the planned failover");
+    // The old primary is a replica now: it does not mount, it has the point.
+    fails(
+        drfs()
+            .arg("mount")
+            .arg(&f.store)
+            .arg(&f.mnt)
+            .output()
+            .unwrap(),
+        "replica",
+    );
+    assert_eq!(points_json(&f.store).len(), 1);
+    // The new primary mounts, is written, and its cycle ships only the new writes.
+    let mnt2 = f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    random_at(&mnt2.join("disk.raw"), G, 2 * M);
+    let (sent, v) = ship_sent(&r.replica);
+    println!("first cycle back after the planned failover sent {sent} bytes for 2 MiB written");
+    assert!(sent <= 3 * M, "sent {sent} bytes for 2 MiB of writes: {v}");
+    ok(drfs().arg("unmount").arg(&mnt2));
+    same_tree_excluding_state(&r.replica, &f.store, "the old primary after a cycle back");
+    // Failback: a planned failover the other way returns the original direction.
+    ok(&mut failover(&r.replica, &["--planned"]));
+    f.mount(&[]);
+    random_at(&f.m("disk.raw"), 3 * G, M);
+    let (sent, v) = ship_sent(&f.store);
+    println!("first cycle after failback sent {sent} bytes for 1 MiB written");
+    assert!(sent <= 2 * M, "sent {sent}: {v}");
+    f.unmount();
+    r.check_latest();
+    let st = status_json(&f.store);
+    println!("{st:#}");
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn reprotect_sends_only_differing_blocks_and_keeps_the_diverged_writes() {
+    let r = Rep::new("reprotect", "manual", "all:1d");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    sparse(&disk, 4 * G);
+    random_at(&disk, 0, 32 * M);
+    fs::write(f.m("a.txt"), b"shipped\n").unwrap();
+    r.ship();
+    // The primary goes on writing after its last cycle: this never reaches the replica.
+    random_at(&disk, 100 * M, 4 * M);
+    fs::write(f.m("new.txt"), b"written after the last cycle\n").unwrap();
+    fs::remove_file(f.m("a.txt")).unwrap();
+    r.snapshot("diverged");
+    f.unmount();
+    // Disaster: fail over to the newest point, and the new primary is written.
+    ok(&mut failover(&r.replica, &[]));
+    let mnt2 = f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    random_at(&mnt2.join("disk.raw"), 200 * M, 2 * M);
+    ok(drfs().arg("unmount").arg(&mnt2));
+    // The old primary comes back: reprotect makes it the new primary's replica.
+    let out = ok(drfs()
+        .arg("reprotect")
+        .arg(&r.replica)
+        .arg("--to")
+        .arg(&f.store));
+    let text = stdout(&out);
+    println!("{text}");
+    let sent = bytes_in(&text, "(point");
+    let differing = 6 * M + 64 * 1024;
+    println!(
+        "reprotect sent {sent} bytes; differing {differing}; disk {} (1 %: {})",
+        4 * G,
+        4 * G / 100
+    );
+    assert!(sent <= differing + 4 * G / 100, "sent {sent}");
+    same_tree_excluding_state(&r.replica, &f.store, "the old primary after reprotect");
+    // What it held is a point tagged diverged, readable through browse.
+    let pts = points_json(&f.store);
+    let d = pts
+        .iter()
+        .find(|p| p["diverged"] == true)
+        .unwrap_or_else(|| panic!("no diverged point: {pts:?}"));
+    let br = f.mountpoint("browse");
+    ok(drfs().arg("browse").arg(&f.store).arg(&br));
+    let at = br.join("points").join(d["id"].as_str().unwrap());
+    same_tree(&r.snaps.join("diverged"), &at, "the diverged point");
+    ok(drfs().arg("unmount").arg(&br));
+    // Onto a directory that is not the old primary: refused.
+    let other = f.root.join("other");
+    fs::create_dir(&other).unwrap();
+    fails(
+        drfs()
+            .arg("reprotect")
+            .arg(&r.replica)
+            .arg("--to")
+            .arg(&other)
+            .output()
+            .unwrap(),
+        "is not a drfs store",
+    );
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn bad_input_to_failover_is_one_line_and_changes_nothing() {
+    let (r, _) = three_points("badfailover");
+    let empty = r.f.root.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let out = failover(&empty, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    fails(out, "not a drfs replica");
+    let out = failover(&r.replica, &["--point", "99999999"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    fails(out, "no point 99999999");
+    let out = failover(&r.replica, &["--commit"]).output().unwrap();
+    fails(out, "not failed over");
+    let out = failover(&r.f.root.join("nowhere"), &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    // A planned failover of a mounted store is refused, and leaves it mounted, unlocked.
+    r.f.mount(&[]);
+    let out = failover(&r.f.store, &["--planned"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    fails(out, "is mounted at");
+    random_at(&r.f.m("disk.raw"), 0, M);
+    r.ship();
+    r.f.unmount();
+    same_tree_excluding_state(&r.f.store, &r.replica, "after the refusals");
+}
+
+/// Runs `drfs ARGS` with `DRFS_FAULT=fault`: it must die of it (SIGKILL).
+fn killed_at(args: &[&std::ffi::OsStr], fault: &str) {
+    let out = drfs().args(args).env("DRFS_FAULT", fault).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "did not stop at {fault}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Never two primaries that both accept: the replica refuses cycles once promoted, and a
+/// locked or demoted store does not mount as a primary.
+fn one_accepting_primary(r: &Rep) {
+    let store_cfg = fs::read_to_string(r.f.store.join(".drfs/state.toml")).unwrap();
+    let rep_cfg = fs::read_to_string(r.replica.join(".drfs/state.toml")).unwrap();
+    let store_open = store_cfg.contains("role = \"primary\"") && !store_cfg.contains("[locked]");
+    let rep_primary = rep_cfg.contains("role = \"primary\"");
+    assert!(
+        !(store_open && rep_primary),
+        "two primaries:\n{store_cfg}\n{rep_cfg}"
+    );
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_planned_failover_killed_at_any_step_completes_when_run_again() {
+    for fault in [
+        "planned:locked",
+        "apply:undo",
+        "planned:shipped",
+        "failover:seeded",
+        "planned:promoted",
+        "planned:reversed",
+        "planned:adopted",
+    ] {
+        let r = Rep::new("plannedkill", "manual", "all:1d");
+        let disk = r.f.m("disk.raw");
+        sparse(&disk, 256 * M);
+        random_at(&disk, 0, 8 * M);
+        r.ship();
+        random_at(&disk, 16 * M, 2 * M);
+        r.f.unmount();
+        killed_at(
+            &[os("failover"), r.f.store.as_os_str(), os("--planned")],
+            fault,
+        );
+        one_accepting_primary(&r);
+        let out = ok(&mut failover(&r.f.store, &["--planned"]));
+        println!("{fault}: {}", stdout(&out).trim());
+        same_tree_excluding_state(&r.f.store, &r.replica, fault);
+        // The new primary's cycles flow back.
+        let mnt2 = r.f.mountpoint("mnt2");
+        ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+        random_at(&mnt2.join("disk.raw"), 32 * M, M);
+        ok(drfs().arg("ship").arg(&r.replica));
+        ok(drfs().arg("unmount").arg(&mnt2));
+        same_tree_excluding_state(&r.replica, &r.f.store, fault);
+    }
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn an_unplanned_failover_and_a_reprotect_killed_at_any_step_complete_when_run_again() {
+    for fault in [
+        "apply:sealed",
+        "apply:undo",
+        "failover:rolled-back",
+        "failover:seeded",
+    ] {
+        let (r, [p1, _, _]) = three_points("unplannedkill");
+        killed_at(
+            &[
+                os("failover"),
+                r.replica.as_os_str(),
+                os("--point"),
+                os(&p1),
+            ],
+            fault,
+        );
+        ok(&mut failover(&r.replica, &["--point", &p1]));
+        same_tree_excluding_state(&r.snaps.join(&p1), &r.replica, fault);
+    }
+    for fault in [
+        "reprotect:adopted",
+        "reprotect:demoted",
+        "reprotect:protected",
+        "apply:undo",
+    ] {
+        let (r, _) = three_points("reprotectkill");
+        r.f.mount(&[]);
+        random_at(&r.f.m("disk.raw"), 0, M);
+        r.f.unmount();
+        ok(&mut failover(&r.replica, &[]));
+        killed_at(
+            &[
+                os("reprotect"),
+                r.replica.as_os_str(),
+                os("--to"),
+                r.f.store.as_os_str(),
+            ],
+            fault,
+        );
+        // The promoted store refuses the old primary's cycles throughout.
+        let rep_cfg = fs::read_to_string(r.replica.join(".drfs/state.toml")).unwrap();
+        assert!(rep_cfg.contains("[promoted]"), "{fault}: {rep_cfg}");
+        let out = ok(drfs()
+            .arg("reprotect")
+            .arg(&r.replica)
+            .arg("--to")
+            .arg(&r.f.store));
+        println!("{fault}: {}", stdout(&out).trim());
+        same_tree_excluding_state(&r.replica, &r.f.store, fault);
+        assert!(
+            points_json(&r.f.store)
+                .iter()
+                .any(|p| p["diverged"] == true),
+            "{fault}: the diverged point is gone"
+        );
+    }
+}
