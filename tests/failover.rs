@@ -55,8 +55,13 @@ fn bytes_in(text: &str, what: &str) -> u64 {
 /// Runs a cycle of `store`; the bytes it sent, and its record.
 fn ship_sent(store: &Path) -> (u64, serde_json::Value) {
     ok(drfs().arg("ship").arg(store));
-    let st: serde_json::Value =
-        serde_json::from_slice(&fs::read(store.join(".drfs/cycle.json")).unwrap()).unwrap();
+    // A primary's cycles, or a replica's onward ones.
+    let state = ["cycle.json", "relay.json"]
+        .iter()
+        .map(|n| store.join(".drfs").join(n))
+        .find(|p| p.exists())
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&fs::read(state).unwrap()).unwrap();
     (st["last"]["bytes"].as_u64().unwrap(), st["last"].clone())
 }
 
@@ -455,4 +460,78 @@ fn an_unplanned_failover_and_a_reprotect_killed_at_any_step_complete_when_run_ag
             "{fault}: the diverged point is gone"
         );
     }
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn extended_replication_ships_points_onward_and_fails_over_at_the_third_site() {
+    let r = Rep::new("extended", "manual", "last:2");
+    let f = &r.f;
+    let third = f.root.join("third");
+    fs::create_dir(&third).unwrap();
+    // Onto its own primary: refused.
+    fails(
+        drfs()
+            .arg("protect")
+            .arg(&r.replica)
+            .arg("--to")
+            .arg(&f.store)
+            .output()
+            .unwrap(),
+        "extended replication goes to a third directory",
+    );
+    let disk = f.m("disk.raw");
+    sparse(&disk, 4 * G);
+    random_at(&disk, 0, 16 * M);
+    fs::write(f.m("a.txt"), b"one\n").unwrap();
+    let p1 = r.ship();
+    ok(drfs()
+        .arg("protect")
+        .arg(&r.replica)
+        .arg("--to")
+        .arg(&third)
+        .args(["--interval", "manual", "--keep", "all:1d"]));
+    ok(drfs().arg("ship").arg(&r.replica));
+    random_at(&disk, G, 4 * M);
+    let p2 = r.ship();
+    random_at(&disk, 2 * G, 2 * M);
+    fs::remove_file(f.m("a.txt")).unwrap();
+    let p3 = r.ship();
+    // B keeps last:2, but p1 is the base of C's next cycle: it stays.
+    let on_b: Vec<String> = points_json(&r.replica)
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(on_b.contains(&p1), "B pruned C's base {p1}: {on_b:?}");
+    let (data, last) = ship_sent(&r.replica);
+    println!("onward cycle p1 -> {p3}: {data} bytes of block data sent, for 6 MiB changed");
+    assert!(data <= 6 * M + 64 * 1024, "{last}");
+    // Every point of C is the same point of B, and A's state at that cut.
+    let on_c: Vec<String> = points_json(&third)
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(on_c, [p3.clone(), p1.clone()], "C's points");
+    for p in [&p1, &p3] {
+        let dst = f.root.join(format!("from-c-{p}"));
+        ok(drfs()
+            .arg("restore")
+            .arg(&third)
+            .args(["--point", p, "--to"])
+            .arg(&dst));
+        same_tree(&r.snaps.join(p), &dst, &format!("C's point {p}"));
+    }
+    // The next cycle into B may now drop p1.
+    random_at(&disk, 0, M);
+    r.ship();
+    assert!(
+        !points_json(&r.replica)
+            .iter()
+            .any(|p| p["id"] == p1.as_str())
+    );
+    let _ = p2;
+    // Failover at the third site.
+    ok(&mut failover(&third, &[]));
+    same_tree_excluding_state(&r.snaps.join(&p3), &third, "C after its failover");
+    f.unmount();
 }

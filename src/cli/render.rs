@@ -112,6 +112,12 @@ pub fn replica(s: &ReplicaStatus) -> String {
         o += &wrapped("  - ", r, 88);
     }
     o += &format!("source    {}\n", s.source.as_deref().unwrap_or("?"));
+    if let Some(t) = &s.onward {
+        o += &format!(
+            "onward    {t} (holds point {})\n",
+            s.onward_point.as_deref().unwrap_or("none yet")
+        );
+    }
     o += &format!("keep      {}\n", s.keep);
     o += &format!("points    {}\n", s.points);
     if let Some(p) = &s.latest {

@@ -251,6 +251,11 @@ pub struct ReplicaStatus {
     pub role: &'static str,
     /// The failover history: the replica's epochs, oldest first.
     pub lineage: Vec<crate::model::lineage::Epoch>,
+    /// Extended replication: where it ships onward, and the point that replica holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onward: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onward_point: Option<String>,
     pub source: Option<String>,
     pub keep: String,
     pub health: Health,
@@ -346,6 +351,8 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
             "replica"
         },
         lineage: r.cfg.lineage.clone(),
+        onward: r.cfg.replication.as_ref().map(|x| x.target.to_string()),
+        onward_point: crate::replica::posix::relay::pinned(r),
         source: r.cfg.source.clone(),
         keep: r
             .cfg

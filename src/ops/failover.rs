@@ -236,7 +236,35 @@ fn promote(
         committed: planned,
     });
     cfg.role = Role::Primary;
+    continue_onward(r, latest)?;
     r.sd.write_config(&cfg)
+}
+
+/// A replica that shipped onward (A → B → C) and is promoted at the point C holds goes
+/// on replicating to C as a primary: its cycles build on that point.
+fn continue_onward(r: &Replica, latest: &PointInfo) -> Result<()> {
+    let relay = crate::replica::posix::relay::RelayState::load(r)?;
+    if relay.point.as_deref() != Some(latest.id.as_str()) && relay.point.is_some() {
+        if let Some(held) = &relay.point {
+            tracing::warn!(
+                "the onward replica holds point {held}, not {}: its next cycle needs `drfs ship --resync`",
+                latest.id
+            );
+        }
+        return Ok(());
+    }
+    let (Some(id), Some(generation)) = (relay.replica_id, relay.generation) else {
+        return Ok(());
+    };
+    CycleState {
+        version: crate::primary::cycle::STATE_VERSION,
+        replica_id: Some(id),
+        generation: Some(generation),
+        point: Some(latest.id.clone()),
+        point_time_ns: Some(latest.time_ns),
+        ..Default::default()
+    }
+    .save(&r.sd)
 }
 
 /// `drfs failover STORE --commit`: the point can no longer be changed.

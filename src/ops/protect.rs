@@ -14,7 +14,7 @@ use crate::model::fmt::rfc3339_ns;
 use crate::model::retention::{self, Policy};
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
-use crate::state::{Config, Pause, Replication, StateDir};
+use crate::state::{Config, Pause, Replication, Role, StateDir};
 
 /// What `drfs protect` sets; what is left out keeps its value (or its default, the first
 /// time).
@@ -130,7 +130,10 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, Some(r)) => r.group,
         (None, None) => Group::default(),
     };
-    let (sd, mut cfg) = StateDir::open_or_init(sd.store(), None)?;
+    let (sd, mut cfg) = match sd.exists().then(|| sd.config()).transpose()? {
+        Some(c) if c.role == Role::Replica => (onward(&sd, &c, &target)?, c),
+        _ => StateDir::open_or_init(sd.store(), None)?,
+    };
     // The replica learns its store, and its retention policy, when it is bound.
     let bind = old.is_none() || moved || p.to.is_some() || p.keep.is_some();
     let replica_id = if bind {
@@ -188,13 +191,33 @@ fn parse_expect(e: &str, interval: Interval) -> Result<Interval> {
     }
 }
 
-/// The cycle state of a replica the store no longer ships to.
+/// The cycle state of a replica the store no longer ships to (a relay's too).
 fn forget_cycles(sd: &StateDir) -> Result<()> {
-    let p = sd.path("cycle.json");
-    match std::fs::remove_file(&p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&p),
-        _ => Ok(()),
+    for name in ["cycle.json", "relay.json"] {
+        let p = sd.path(name);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&p),
+            _ => {}
+        }
     }
+    Ok(())
+}
+
+/// Extended replication: a replica protected onward, to a third directory (never to the
+/// store it replicates).
+fn onward(sd: &StateDir, cfg: &Config, target: &Target) -> Result<StateDir> {
+    let dir = target.local().map_err(Error::Invalid)?;
+    let theirs = StateDir::new(dir).config().ok();
+    if let (Some(t), Some(src)) = (&theirs, &cfg.source) {
+        if &t.store_id == src {
+            return Err(Error::Invalid(format!(
+                "{} is the primary of {}: extended replication goes to a third directory",
+                dir.display(),
+                sd.store().display()
+            )));
+        }
+    }
+    Ok(sd.clone())
 }
 
 /// What differs between two settings, in words.

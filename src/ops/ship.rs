@@ -20,6 +20,9 @@ pub fn ship(store: &Path, resync: bool, progress: Option<Arc<dyn Progress>>) -> 
         .canonicalize()
         .map_err(|e| Error::Invalid(format!("store {}: {e}", store.display())))?;
     let (sd, cfg) = StateDir::open(&canon)?;
+    if cfg.role == crate::state::Role::Replica {
+        return relay(&canon, resync);
+    }
     if cfg.replication.is_none() {
         return Err(Error::operator(format!(
             "{} is not protected: run `drfs protect {} --to REPLICA` first",
@@ -56,4 +59,31 @@ pub fn ship(store: &Path, resync: bool, progress: Option<Arc<dyn Progress>>) -> 
     );
     tracker.close()?;
     Ok(ShipReply::from(&o))
+}
+
+/// An onward cycle of a replica (extended replication), as a ship's reply.
+fn relay(root: &Path, resync: bool) -> Result<ShipReply> {
+    let r = crate::replica::posix::Replica::open(root)?;
+    match crate::replica::posix::relay::ship(&r, resync) {
+        Ok(x) => Ok(ShipReply {
+            code: 0,
+            message: match &x.point {
+                Some(p) => format!("point {p} sent onward"),
+                None => "the onward replica already has the latest point".into(),
+            },
+            point: x.point,
+            bytes: x.bytes,
+            pause_us: 0,
+            duration_ms: x.duration_ms,
+        }),
+        Err(e @ (Error::Invalid(_) | Error::Corrupt { .. })) => Err(e),
+        Err(e) => Ok(ShipReply {
+            code: e.class().exit_code(),
+            message: e.to_string(),
+            point: None,
+            bytes: 0,
+            pause_us: 0,
+            duration_ms: 0,
+        }),
+    }
 }

@@ -13,7 +13,9 @@ pub mod hashes;
 pub mod incoming;
 pub mod pieces;
 pub mod read;
+pub mod relay;
 pub mod rollback;
+pub mod source;
 pub mod store;
 pub mod tree;
 pub mod undo;
@@ -195,7 +197,11 @@ impl Replica {
         let _lock = self.prune_lock(libc::LOCK_EX)?;
         let points = self.points()?;
         let times: Vec<i64> = points.iter().map(|p| p.time_ns).collect();
-        let keep = self.policy()?.keep(&times, now_ns);
+        let mut keep = self.policy()?.keep(&times, now_ns);
+        // The base of the onward replica's next cycle (extended replication).
+        if let Some(base) = relay::pinned(self) {
+            keep.extend(points.iter().position(|p| p.id == base));
+        }
         let mut dropped = Vec::new();
         let mut older: Option<&PointInfo> = None;
         for (i, p) in points.iter().enumerate() {

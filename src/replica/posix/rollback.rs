@@ -79,17 +79,19 @@ pub fn roll_back(r: &Replica, to: &PointInfo) -> Result<Rolled> {
     })
 }
 
-/// Per file of `want` (point `to`), the blocks in which it differs from the latest files
-/// (`now`): those the undo records of `to` and every later point hold, within its size;
-/// all of a file the latest point does not have; and the last block where the size
-/// differs.
-fn differing(
+/// Between points `lo` and `hi` (older, newer), per file of `want` (the manifest of one
+/// of them), the blocks in which it differs from the same file in `now` (the other's):
+/// those the undo records of `lo` and every later point before `hi` hold, within its
+/// size; all of a file `now` does not have; and the blocks past the other's end where the
+/// size differs. Those records hold exactly the blocks that changed between the two.
+pub fn differing(
     r: &Replica,
-    to: &PointInfo,
-    latest: &PointInfo,
+    lo: &PointInfo,
+    hi: &PointInfo,
     want: &Manifest,
     now: &Manifest,
 ) -> Result<BTreeMap<FileId, Vec<[u64; 2]>>> {
+    let (to, latest) = (lo, hi);
     let bs = r.cfg.block_size;
     let mut held: BTreeMap<FileId, BTreeSet<u64>> = BTreeMap::new();
     let mut whole: BTreeSet<FileId> = BTreeSet::new();
