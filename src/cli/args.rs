@@ -43,6 +43,10 @@ pub enum Cmd {
         /// the next tracked mount resyncs every file they touched).
         #[arg(long)]
         no_track: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9811); off by
+        /// default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Unmount MOUNTPOINT and wait until the daemon has stopped cleanly.
     Unmount {
@@ -190,6 +194,45 @@ pub enum Cmd {
         /// Print JSON, for tools.
         #[arg(long)]
         json: bool,
+    },
+    /// The event history of a store or a replica, oldest first: health changes, cycles
+    /// failing and recovering, resyncs, points pruned, hooks failing, verify findings.
+    Events {
+        /// A store (or its mountpoint), or a replica directory.
+        path: PathBuf,
+        /// Only events from this time on: RFC 3339 (2026-12-02T03:00:00Z) or an age (1h).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+        /// Print JSON (an array of events), for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every block of REPLICA's latest point (or one point, or all) against its
+    /// BLAKE3, at the idle I/O priority; exit 2 if a block is bad. Resumes an unfinished run.
+    Verify {
+        /// The replica directory.
+        replica: PathBuf,
+        /// Check this point: the latest files and the undo records it reads.
+        #[arg(long, conflicts_with = "all")]
+        point: Option<String>,
+        /// Check every point: the latest files and every undo record.
+        #[arg(long)]
+        all: bool,
+        /// Read at most this many bytes per second (e.g. 50M).
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Start afresh instead of resuming an unfinished run.
+        #[arg(long)]
+        restart: bool,
+        /// Print the report as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Prometheus metrics of a store or a replica once (the text GET /metrics
+    /// serves), e.g. for node_exporter's textfile collector.
+    Metrics {
+        /// A store (or its mountpoint), or a replica directory.
+        path: PathBuf,
     },
     /// Show what is tracked for STORE (or one PATH in it) since tracking began.
     Changes {

@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             allow_other,
             foreground,
             no_track,
+            metrics_listen,
         } => mount(MountOpts {
             store,
             mountpoint,
@@ -47,6 +48,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             allow_other,
             foreground,
             track: !no_track,
+            metrics_listen,
         }),
         Cmd::Unmount { mountpoint, lazy } => {
             ops::mount::unmount(&mountpoint, lazy)?;
@@ -115,6 +117,48 @@ pub fn run(cli: Cli) -> Result<i32> {
         },
         Cmd::Points { replica, json } => points(&replica, json),
         Cmd::Status { path, json } => status(&behind(&path), json),
+        Cmd::Verify {
+            replica,
+            point,
+            all,
+            rate,
+            restart,
+            json,
+        } => {
+            if std::fs::symlink_metadata(&replica).is_err() {
+                return Err(Error::Invalid(format!(
+                    "{}: no such file or directory",
+                    replica.display()
+                ))
+                .into());
+            }
+            let v = ops::verify::Verify {
+                point: point.as_deref(),
+                all,
+                rate,
+                restart,
+            };
+            let rep = ops::verify::verify(&replica, &v)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", render::verify(&rep));
+            }
+            Ok(if rep.bad.is_empty() { 0 } else { 2 })
+        }
+        Cmd::Metrics { path } => {
+            print!("{}", ops::metrics::text(&behind(&path))?);
+            Ok(0)
+        }
+        Cmd::Events { path, since, json } => {
+            let ev = ops::events::events(&behind(&path), since.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ev)?);
+            } else {
+                print!("{}", render::events(&ev));
+            }
+            Ok(0)
+        }
         Cmd::Browse {
             replica,
             mountpoint,

@@ -77,6 +77,18 @@ pub struct StoreStatus {
     pub last_error: Option<String>,
     pub failed_last_hour: u32,
     pub cycles_last_hour: u32,
+    /// The newest point's cut, in nanoseconds since the epoch.
+    #[serde(default)]
+    pub last_point_time_ns: Option<i64>,
+    /// When the last successful cycle started (ns since the epoch).
+    #[serde(default)]
+    pub last_success_time_ns: Option<i64>,
+    /// Failed cycles in a row.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Every cycle so far, added up.
+    #[serde(default)]
+    pub totals: crate::primary::cycle::Totals,
     /// What the last crash cost, as the mount after it found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<track::recovery::Recovery>,
@@ -216,6 +228,10 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         last_cycle: st.last.clone(),
         failed_last_hour: failed,
         cycles_last_hour: recent.len() as u32,
+        last_point_time_ns: st.point_time_ns,
+        last_success_time_ns: st.last_ok_ns,
+        consecutive_failures: st.failures,
+        totals: st.totals,
         last_recovery: track::recovery::Recovery::load(&sd.path("recovery.json")),
         files,
     })
@@ -233,6 +249,11 @@ pub struct ReplicaStatus {
     pub latest: Option<PointInfo>,
     pub latest_age_s: Option<f64>,
     pub oldest: Option<PointInfo>,
+    /// Bytes the undo records of all points take on disk.
+    pub undo_bytes: u64,
+    /// When the last `drfs verify` finished, and how many bad blocks it found.
+    pub verified: Option<String>,
+    pub verify_bad_blocks: Option<u64>,
     /// The running test failover, if any.
     pub test_failover: Option<crate::mounts::test_failover::Running>,
 }
@@ -312,6 +333,14 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
     if r.sd.path("journal.json").exists() {
         reasons.push("an apply was interrupted; the next receive finishes it".to_string());
     }
+    let verified = crate::replica::posix::verify::last(r).filter(|v| v.finished.is_some());
+    if let Some(v) = verified.as_ref().filter(|v| !v.bad.is_empty()) {
+        reasons.push(format!(
+            "drfs verify (finished {}) found {} that fail their BLAKE3 (drfs verify --json lists them)",
+            v.finished.as_deref().unwrap_or("?"),
+            crate::model::fmt::plural(v.bad.len() as u64, "block")
+        ));
+    }
     Ok(ReplicaStatus {
         path: r.root.display().to_string(),
         role: "replica",
@@ -331,6 +360,9 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
         latest_age_s: latest.as_ref().map(|p| (now - p.time_ns) as f64 / 1e9),
         latest,
         oldest: points.first().cloned(),
+        undo_bytes: r.undo_bytes()?,
+        verified: verified.as_ref().and_then(|v| v.finished.clone()),
+        verify_bad_blocks: verified.as_ref().map(|v| v.bad.len() as u64),
         test_failover: crate::mounts::test_failover::running(r),
     })
 }

@@ -19,6 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Class, Error, Result};
+use crate::events::{self, Event, Kind};
 use crate::model::progress::Progress;
 use crate::model::{Consistency, Group, Manifest};
 use crate::primary::track::Tracker;
@@ -70,6 +71,23 @@ pub struct CycleState {
     pub failures: u32,
     /// Set when replication stopped on an unrecoverable error.
     pub critical: Option<String>,
+    /// Counts since the store was first protected (absent before issue 17: from zero).
+    #[serde(default)]
+    pub totals: Totals,
+    /// When the last successful cycle started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok_ns: Option<i64>,
+}
+
+/// What every cycle so far added up to (the counters Prometheus scrapes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub cycles: u64,
+    pub failed: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Bytes of block data, before compression.
+    pub data_bytes: u64,
 }
 
 impl CycleState {
@@ -96,11 +114,16 @@ impl CycleState {
         if self.history.len() > HISTORY {
             self.history.drain(..self.history.len() - HISTORY);
         }
+        self.totals.cycles += 1;
+        self.totals.bytes += last.bytes;
+        self.totals.data_bytes += last.data_bytes;
         if last.ok {
+            self.last_ok_ns = Some(last.time_ns);
             self.failures = 0;
             self.critical = None;
         } else {
             self.failures += 1;
+            self.totals.failed += 1;
             if !last.recoverable {
                 self.critical = last.error.clone();
             }
@@ -153,6 +176,7 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
         Ok(s) => s,
         Err(e) => return failed(e, started),
     };
+    let prev = st.last.clone();
     let result = cycle(tracker, &mut st, opts);
     let duration_ms = started.elapsed().as_millis() as u64;
     let outcome = match result {
@@ -174,7 +198,44 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
     if let Err(e) = st.save(&sd) {
         tracing::error!("saving cycle state: {e}");
     }
+    record_change(&sd, prev.as_ref(), &outcome, st.failures);
     outcome
+}
+
+/// An event when a cycle fails after a success (or for another reason than the last
+/// failure), stops replication, or succeeds after failures.
+fn record_change(sd: &StateDir, prev: Option<&LastCycle>, o: &Outcome, failures: u32) {
+    let was = prev.map(|p| if p.ok { "ok" } else { "failed" });
+    if o.ok {
+        if was == Some("failed") {
+            let e = Event::new(
+                sd,
+                Kind::Cycle,
+                "ok",
+                format!("{} after failed attempts", o.message),
+            );
+            events::record(sd, e.old("failed"));
+        }
+        return;
+    }
+    let new = if o.class.is_transient() {
+        "failed"
+    } else {
+        "stopped"
+    };
+    let same = prev.is_some_and(|p| !p.ok && p.error.as_deref() == Some(o.message.as_str()));
+    if !same {
+        let mut e = Event::new(
+            sd,
+            Kind::Cycle,
+            new,
+            format!("{} ({failures} in a row)", o.message),
+        );
+        if let Some(w) = was {
+            e = e.old(w);
+        }
+        events::record(sd, e);
+    }
 }
 
 fn failed(e: Error, started: Instant) -> Outcome {
@@ -215,6 +276,18 @@ fn replication(tracker: &Tracker) -> Result<Replication> {
             tracker.state().store().display()
         ))
     })
+}
+
+/// Events for the resyncs point `id` completed: the whole store's, or each flagged file's.
+fn resynced(sd: &StateDir, cut: &crate::primary::track::cut::Cut, whole: bool, id: &str) {
+    let done = |e: Event| events::record(sd, e.old("started"));
+    if whole {
+        done(Event::new(sd, Kind::Resync, "done", format!("point {id}")));
+        return;
+    }
+    for f in cut.files.iter().filter(|f| f.resync) {
+        done(Event::new(sd, Kind::Resync, "done", format!("point {id}")).file(f.path.to_string()));
+    }
 }
 
 fn cycle(tracker: &Tracker, st: &mut CycleState, opts: CycleOpts) -> Result<Outcome> {
@@ -286,6 +359,17 @@ fn exchange(
     // A replica without a point yet gets an initial replication: every file is compared
     // by hash, so nothing is assumed about it (and a copy placed there seeds it).
     let resync = opts.resync || theirs.is_none();
+    let why = if theirs.is_none() {
+        "initial replication: every file is compared by BLAKE3"
+    } else {
+        "drfs ship --resync: every file is compared by BLAKE3"
+    };
+    if resync && st.failures == 0 {
+        events::record(
+            tracker.state(),
+            Event::new(tracker.state(), Kind::Resync, "started", why),
+        );
+    }
     let cut = tracker.cut(rep.group == Group::Dir, resync)?;
     let pause_us = cut.pause.as_micros() as u64;
     let manifest = Manifest {
@@ -316,6 +400,7 @@ fn exchange(
     );
     tracker.end_cycle(&cut, r.is_ok())?;
     let (point, stats) = r?;
+    resynced(tracker.state(), &cut, resync, &point.id);
     st.generation = Some(generation);
     st.point = Some(point.id.clone());
     st.point_time_ns = Some(cut.time_ns);
