@@ -88,8 +88,27 @@ pub enum Cmd {
         /// Move a protected store to another replica (the old one keeps its points).
         #[arg(long)]
         rebind: bool,
+        /// A command run before each consistency group's cut, for application-consistent
+        /// points (e.g. "virsh domfsfreeze vm1"; DRFS_GROUP names the group). Repeat for
+        /// several (run in order); replaces the ones set.
+        #[arg(long = "pre-cut", value_name = "CMD")]
+        pre_cut: Vec<String>,
+        /// A command run right after each group's cut, before shipping (the thaw); runs
+        /// whenever a pre-cut hook started, also after it failed. Repeat for several (run
+        /// in reverse order); replaces the ones set.
+        #[arg(long = "post-cut", value_name = "CMD")]
+        post_cut: Vec<String>,
+        /// How often a cycle runs the hooks (e.g. 4h; default `always`: every cycle).
+        #[arg(long, value_name = "DURATION")]
+        app_consistent_every: Option<String>,
+        /// Kill a hook running longer than this (default 30s); its point is crash-consistent.
+        #[arg(long, value_name = "DURATION")]
+        hook_timeout: Option<String>,
+        /// Remove the pre- and post-cut hooks.
+        #[arg(long, conflicts_with_all = ["pre_cut", "post_cut", "app_consistent_every", "hook_timeout"])]
+        no_hooks: bool,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "pre_cut", "post_cut", "app_consistent_every", "hook_timeout", "no_hooks"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).

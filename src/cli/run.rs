@@ -65,6 +65,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             seed,
             rebind,
             show,
+            pre_cut,
+            post_cut,
+            app_consistent_every,
+            hook_timeout,
+            no_hooks,
         } => {
             let store = behind(&store);
             if show {
@@ -79,6 +84,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 group: group.as_deref(),
                 seed,
                 rebind,
+                pre_cut: (!pre_cut.is_empty()).then_some(pre_cut.as_slice()),
+                post_cut: (!post_cut.is_empty()).then_some(post_cut.as_slice()),
+                app_consistent_every: app_consistent_every.as_deref(),
+                hook_timeout: hook_timeout.as_deref(),
+                no_hooks,
             };
             settings(&store, ops::protect::protect(&store, &p)?)
         }
@@ -271,6 +281,10 @@ fn show_settings(store: &Path) -> Result<i32> {
         ),
         None => println!("paused        no"),
     }
+    println!(
+        "hooks         {}",
+        ops::protect::hooks_text(r.hooks.as_ref())
+    );
     println!("replica id    {}", r.replica_id);
     Ok(0)
 }

@@ -241,6 +241,22 @@ pub fn store(t: &mut Text, s: &StoreStatus) {
             c.bytes as f64,
         );
     }
+    t.one(
+        "drfs_hook_failures_total",
+        "counter",
+        "Pre- and post-cut hooks that failed or timed out.",
+        l,
+        tot.hook_failures as f64,
+    );
+    if let Some(ns) = s.last_app_consistent_time_ns {
+        t.one(
+            "drfs_last_app_consistent_timestamp_seconds",
+            "gauge",
+            "Cut time of the newest application-consistent point.",
+            l,
+            secs(ns),
+        );
+    }
     if let Some(ns) = s.last_success_time_ns {
         t.one(
             "drfs_last_success_timestamp_seconds",

@@ -89,6 +89,12 @@ pub struct StoreStatus {
     /// Every cycle so far, added up.
     #[serde(default)]
     pub totals: crate::primary::cycle::Totals,
+    /// The cut time of the newest application-consistent point (ns since the epoch).
+    #[serde(default)]
+    pub last_app_consistent_time_ns: Option<i64>,
+    /// Pre- and post-cut hooks are set.
+    #[serde(default)]
+    pub hooks: bool,
     /// What the last crash cost, as the mount after it found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<track::recovery::Recovery>,
@@ -177,6 +183,12 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
                 ),
             );
         }
+        if let Some(h) = &st.hook_failure {
+            raise(
+                Health::Warning,
+                format!("the last application-consistent cut gave a crash point: {h}"),
+            );
+        }
         if resyncing > 0 {
             raise(
                 Health::Warning,
@@ -232,6 +244,8 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         last_success_time_ns: st.last_ok_ns,
         consecutive_failures: st.failures,
         totals: st.totals,
+        last_app_consistent_time_ns: st.last_app_ns,
+        hooks: rep.as_ref().is_some_and(|r| r.hooks.is_some()),
         last_recovery: track::recovery::Recovery::load(&sd.path("recovery.json")),
         files,
     })

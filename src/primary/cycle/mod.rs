@@ -10,6 +10,7 @@
 //! crash, a cycle the replica committed), the last cycle's figures and error, a history of
 //! recent attempts, and whether replication stopped on an unrecoverable error.
 
+pub mod hooks;
 pub mod schedule;
 pub mod source;
 
@@ -77,6 +78,13 @@ pub struct CycleState {
     /// When the last successful cycle started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ok_ns: Option<i64>,
+    /// The cut time of the newest application-consistent point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_app_ns: Option<i64>,
+    /// Why the last application-consistent attempt gave a crash point (cleared by the
+    /// next one that works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_failure: Option<String>,
 }
 
 /// What every cycle so far added up to (the counters Prometheus scrapes).
@@ -88,6 +96,9 @@ pub struct Totals {
     pub bytes: u64,
     /// Bytes of block data, before compression.
     pub data_bytes: u64,
+    /// Pre- and post-cut hooks that failed or timed out.
+    #[serde(default)]
+    pub hook_failures: u64,
 }
 
 impl CycleState {
@@ -278,6 +289,82 @@ fn replication(tracker: &Tracker) -> Result<Replication> {
     })
 }
 
+/// Whether this cycle runs the hooks: they are set, and an application-consistent point
+/// is due (none yet, the last older than `every`, or the last attempt failed). An
+/// explicit consistency (the control socket's) runs none.
+fn app_due(rep: &Replication, st: &CycleState, asked: Option<Consistency>) -> bool {
+    let Some(h) = &rep.hooks else { return false };
+    if asked.is_some() || (h.pre.is_empty() && h.post.is_empty()) {
+        return false;
+    }
+    let Some(every) = h.every.and_then(|e| e.every()) else {
+        return true;
+    };
+    let now = sys::now_ns() as i64;
+    st.hook_failure.is_some()
+        || st
+            .last_app_ns
+            .is_none_or(|t| now - t >= every.as_nanos() as i64)
+}
+
+/// The cut, with each group's pre hooks before its instant and post hooks right after
+/// (when `app`); what failed.
+fn cut_around(
+    tracker: &Tracker,
+    rep: &Replication,
+    resync: bool,
+    app: bool,
+) -> Result<(crate::primary::track::cut::Cut, Vec<String>)> {
+    let none = crate::state::Hooks {
+        pre: Vec::new(),
+        post: Vec::new(),
+        every: None,
+        timeout_s: crate::state::DEFAULT_HOOK_TIMEOUT_S,
+    };
+    let h = rep.hooks.as_ref().filter(|_| app).unwrap_or(&none);
+    let hk = hooks::Hooks {
+        pre: &h.pre,
+        post: &h.post,
+        timeout: std::time::Duration::from_secs(h.timeout_s),
+        store: tracker.state().store(),
+    };
+    let mut failures = Vec::new();
+    let mut cur = hooks::Around::default();
+    let cut = tracker.cut(rep.group == Group::Dir, resync, &mut |group, before| {
+        if !app {
+            return;
+        }
+        if before {
+            cur = hooks::Around::default();
+            hk.pre(group, &mut cur);
+        } else {
+            hk.post(group, &mut cur);
+            failures.append(&mut cur.failures);
+        }
+    })?;
+    Ok((cut, failures))
+}
+
+/// Records how an application-consistent attempt went: each failure an event, the
+/// Warning set or cleared.
+fn hooks_done(sd: &StateDir, st: &mut CycleState, failures: &[String]) {
+    if failures.is_empty() {
+        st.hook_failure = None;
+        return;
+    }
+    for f in failures {
+        let e = Event::new(
+            sd,
+            Kind::Hook,
+            "failed",
+            format!("{f}; the point is crash-consistent"),
+        );
+        events::record(sd, e);
+    }
+    st.totals.hook_failures += failures.len() as u64;
+    st.hook_failure = Some(failures.join("; "));
+}
+
 /// Events for the resyncs point `id` completed: the whole store's, or each flagged file's.
 fn resynced(sd: &StateDir, cut: &crate::primary::track::cut::Cut, whole: bool, id: &str) {
     let done = |e: Event| events::record(sd, e.old("started"));
@@ -370,7 +457,16 @@ fn exchange(
             Event::new(tracker.state(), Kind::Resync, "started", why),
         );
     }
-    let cut = tracker.cut(rep.group == Group::Dir, resync)?;
+    let app = app_due(rep, st, opts.consistency);
+    let (cut, failures) = cut_around(tracker, rep, resync, app)?;
+    let consistency = match opts.consistency {
+        Some(c) => c,
+        None if app && failures.is_empty() => Consistency::Application,
+        None => Consistency::Crash,
+    };
+    if app {
+        hooks_done(tracker.state(), st, &failures);
+    }
     let pause_us = cut.pause.as_micros() as u64;
     let manifest = Manifest {
         version: crate::model::manifest::POINT_VERSION,
@@ -378,7 +474,7 @@ fn exchange(
         cut_id: cut_id.clone(),
         time: crate::model::fmt::rfc3339_ns(i128::from(cut.time_ns)),
         time_ns: cut.time_ns,
-        consistency: opts.consistency.unwrap_or(Consistency::Crash),
+        consistency,
         block_size: cfg.block_size,
         groups: cut.groups.clone(),
         entries: cut.entries.clone(),
@@ -404,6 +500,9 @@ fn exchange(
     st.generation = Some(generation);
     st.point = Some(point.id.clone());
     st.point_time_ns = Some(cut.time_ns);
+    if consistency == Consistency::Application {
+        st.last_app_ns = Some(cut.time_ns);
+    }
     st.in_flight = None;
     Ok(Outcome {
         ok: true,
