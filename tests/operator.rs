@@ -527,3 +527,97 @@ fn verify_finds_a_flipped_byte_in_an_undo_record_and_in_a_latest_file() {
     fails(out, "is not a drfs replica");
     r.f.unmount();
 }
+
+/// Headless Chromium on `url`: what `--dump-dom` printed, and a screenshot at `png`.
+fn chromium(url: &str, profile: &Path, png: &Path) -> String {
+    let bin = need("chromium");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+    ];
+    let dom = ok(Command::new("timeout")
+        .arg("120")
+        .arg(&bin)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url));
+    ok(Command::new("timeout")
+        .arg("120")
+        .arg(&bin)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--window-size=1024,1400")
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url));
+    String::from_utf8_lossy(&dom.stdout).into_owned()
+}
+
+/// The text inside the element with `id` in a dumped DOM.
+fn by_id(dom: &str, id: &str) -> String {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {dom}"));
+    let start = at + dom[at..].find('>').unwrap() + 1;
+    let end = start + dom[start..].find('<').unwrap();
+    dom[start..end].to_string()
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn the_status_page_shows_in_a_real_browser() {
+    let f = Fixture::new("page");
+    let replica = f.root.join("replica");
+    fs::create_dir(&replica).unwrap();
+    let port = free_port();
+    f.mount(&["--metrics-listen", &format!("127.0.0.1:{port}")]);
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .arg("--to")
+        .arg(&replica)
+        .args(["--interval", "manual"]));
+    random_file(&f.m("vm1.img"), 2);
+    ok(drfs().arg("ship").arg(&f.store));
+    random_file(&f.m("vm1.img"), 1);
+    ok(drfs().arg("ship").arg(&f.store));
+    let st = json(ok(drfs().arg("status").arg(&f.store).arg("--json")));
+    let newest = st["last_point"].as_str().unwrap().to_string();
+
+    // What the daemon serves loads nothing: no script, no link, no image, no style sheet.
+    let (line, html) = http_get(port, "/");
+    assert!(line.contains("200"), "{line}");
+    for outside in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(!html.contains(outside), "the page has {outside}: {html}");
+    }
+    let png = f.root.join("page.png");
+    let dom = chromium(
+        &format!("http://127.0.0.1:{port}/"),
+        &f.root.join("chromium"),
+        &png,
+    );
+    assert_eq!(by_id(&dom, "store"), f.store.display().to_string());
+    assert_eq!(by_id(&dom, "health"), "normal");
+    assert_eq!(by_id(&dom, "role"), "primary");
+    assert!(by_id(&dom, "newest-point").starts_with(&newest), "{dom}");
+    assert_eq!(by_id(&dom, "replica").trim(), replica.display().to_string());
+    assert_eq!(by_id(&dom, "replica-points"), "2");
+    assert!(dom.contains("id=\"rpo-chart\""), "{dom}");
+    assert!(dom.contains("<polyline"), "{dom}");
+    assert!(dom.contains("http-equiv=\"refresh\""), "{dom}");
+    // The recent events and the points timeline.
+    assert!(
+        dom.contains("id=\"events\"") && dom.contains(">health<"),
+        "{dom}"
+    );
+    assert!(dom.contains(&format!("<td>{newest}</td>")), "{dom}");
+    let shot = fs::read(&png).expect("a screenshot");
+    assert!(
+        shot.len() > 1000 && shot.starts_with(b"\x89PNG"),
+        "not a PNG"
+    );
+    f.unmount();
+}

@@ -1,7 +1,8 @@
 //! The daemon's HTTP listener (`--metrics-listen ADDR`, off by default): a small
 //! HTTP/1.1 server on `std::net`, read-only, one request per connection
-//! (`Connection: close`). `GET /metrics` serves the Prometheus text; other paths are the
-//! routes the daemon gives it. No request can change anything.
+//! (`Connection: close`). The daemon gives it the routes: `GET /metrics` (the Prometheus
+//! text) and `GET /` (the status page, `obs::page`); other paths are 404; the
+//! listener itself knows none. No request can change anything.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

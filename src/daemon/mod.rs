@@ -129,17 +129,27 @@ fn track(o: &DaemonOpts, store: &Path, mnt: &Path) -> Result<(Option<Arc<Tracker
     Ok((Some(Arc::new(Tracker::start(sd, cfg, mnt)?)), Some(lock)))
 }
 
-/// What the HTTP listener serves: `/metrics`.
+/// What the HTTP listener serves: `/metrics` and the status page at `/`.
 fn routes(sd: StateDir, t: Arc<Tracker>) -> http::Route {
-    Arc::new(move |path| match path {
-        "/metrics" => Some((
-            crate::obs::metrics::CONTENT_TYPE,
-            match crate::obs::status::store(&sd, Some(&t), true) {
-                Ok(s) => crate::obs::metrics::of_store(&sd, &s),
-                Err(e) => format!("# drfs: {e}\n"),
-            },
-        )),
-        _ => None,
+    Arc::new(move |path| {
+        let status = crate::obs::status::store(&sd, Some(&t), true);
+        match path {
+            "/metrics" => Some((
+                crate::obs::metrics::CONTENT_TYPE,
+                match status {
+                    Ok(s) => crate::obs::metrics::of_store(&sd, &s),
+                    Err(e) => format!("# drfs: {e}\n"),
+                },
+            )),
+            "/" | "/index.html" => Some((
+                "text/html; charset=utf-8",
+                match status {
+                    Ok(s) => crate::obs::page::of_store(&sd, &s),
+                    Err(e) => format!("<!DOCTYPE html><p>drfs: {e}</p>\n"),
+                },
+            )),
+            _ => None,
+        }
     })
 }
 

@@ -361,6 +361,11 @@ pub fn of_replica(r: &ReplicaStatus) -> String {
 
 /// The status of the store's replica, if it is a local directory that answers.
 fn local_replica(sd: &StateDir) -> Option<ReplicaStatus> {
+    crate::obs::status::replica(&local(sd)?).ok()
+}
+
+/// The store's replica, if it is a local directory that is a replica.
+pub fn local(sd: &StateDir) -> Option<Replica> {
     let rep = sd.config().ok()?.replication?;
     let Target::Local(p) = rep.target else {
         return None;
@@ -368,7 +373,7 @@ fn local_replica(sd: &StateDir) -> Option<ReplicaStatus> {
     if !Replica::is_replica(&p) {
         return None;
     }
-    crate::obs::status::replica(&Replica::open_only(&p).ok()?).ok()
+    Replica::open_only(&p).ok()
 }
 
 #[cfg(test)]
