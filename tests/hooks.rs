@@ -260,3 +260,78 @@ fn application_points_are_clean_without_a_journal_replay() {
     let _ = Command::new("umount").arg(&guest).status();
     r.f.unmount();
 }
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn hooks_run_per_group_pre_in_order_post_in_reverse() {
+    let r = Rep::new("hook-groups", "manual", "all:1h");
+    for vm in ["vm1", "vm2"] {
+        fs::create_dir(r.f.m(vm)).unwrap();
+        fs::write(r.f.m(&format!("{vm}/disk.img")), vec![7u8; 100_000]).unwrap();
+    }
+    let log = r.f.root.join("hook-log");
+    let say = |what: &str| {
+        format!(
+            "sh -c 'echo \"{what} $DRFS_HOOK $DRFS_GROUP ${{DRFS_PRE_FAILURE:-}}\" >> {}'",
+            log.display()
+        )
+    };
+    let (a, b, c, d) = (say("a"), say("b"), say("c"), say("d"));
+    protect(
+        &r,
+        &[
+            "--group",
+            "dir",
+            "--pre-cut",
+            &a,
+            "--pre-cut",
+            &b,
+            "--post-cut",
+            &c,
+            "--post-cut",
+            &d,
+        ],
+    );
+    ok(drfs().arg("ship").arg(&r.f.store));
+    let lines: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    // One group at a time: its pre hooks in order, its cut, its post hooks in reverse.
+    let want: Vec<String> = ["vm1", "vm2"]
+        .iter()
+        .flat_map(|g| {
+            [
+                format!("a pre {g}"),
+                format!("b pre {g}"),
+                format!("d post {g}"),
+                format!("c post {g}"),
+            ]
+        })
+        .collect();
+    assert_eq!(lines, want);
+    assert_eq!(r.points()[0]["consistency"], "application");
+
+    // A failing first pre hook: the second does not run, the post hooks do, told so.
+    fs::remove_file(&log).unwrap();
+    let fail = "sh -c 'exit 1'";
+    protect(&r, &["--pre-cut", fail, "--pre-cut", &b]);
+    ok(drfs().arg("ship").arg(&r.f.store));
+    let lines: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "d post vm1 1",
+            "c post vm1 1",
+            "d post vm2 1",
+            "c post vm2 1"
+        ]
+    );
+    assert_eq!(r.points()[0]["consistency"], "crash");
+    r.f.unmount();
+}
