@@ -75,12 +75,13 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
         threads: o.threads,
     };
     let served = start.mount(drfs, mnt, store, &opts)?;
+    let mut watcher = None;
     let (sched, socket) = match &tracker {
         Some(t) => {
             let watch = health_watch(sd.clone(), t.clone());
             let w2 = watch.clone();
             let sched = Scheduler::start(t.clone(), Arc::new(move |_| w2()));
-            start_watch(watch, stop.clone());
+            watcher = start_watch(watch, stop.clone());
             if let Some(l) = listener {
                 if let Err(e) = http::serve(l, routes(sd.clone(), t.clone())) {
                     tracing::error!("metrics listener: {e}");
@@ -100,6 +101,10 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
     stop.store(true, Ordering::Release);
     if let Some(s) = &sched {
         s.stop();
+    }
+    // No look at the health after the tracking closes.
+    if let Some(w) = watcher {
+        let _ = w.join();
     }
     if let Some(p) = &socket {
         let _ = std::fs::remove_file(p);
@@ -170,7 +175,10 @@ fn health_watch(sd: StateDir, t: Arc<Tracker>) -> Arc<dyn Fn() + Send + Sync> {
 /// How often the daemon looks at the health between cycles.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn start_watch(watch: Arc<dyn Fn() + Send + Sync>, stop: Arc<AtomicBool>) {
+fn start_watch(
+    watch: Arc<dyn Fn() + Send + Sync>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
     let r = std::thread::Builder::new()
         .name("watch".into())
         .spawn(move || {
@@ -185,9 +193,8 @@ fn start_watch(watch: Arc<dyn Fn() + Send + Sync>, stop: Arc<AtomicBool>) {
                 waited += tick;
             }
         });
-    if let Err(e) = r {
-        tracing::error!("cannot start the health watch: {e}");
-    }
+    r.map_err(|e| tracing::error!("cannot start the health watch: {e}"))
+        .ok()
 }
 
 fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {
