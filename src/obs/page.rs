@@ -106,7 +106,7 @@ pub fn render(p: &Page) -> String {
     }
     o += "<h2>RPO lag, last 24 h</h2>\n";
     o += &chart(p.points, p.now_ns);
-    events(&mut o, p.events);
+    events(&mut o, p.events, &s.path);
     points(&mut o, p.points);
     o += "</body></html>\n";
     o
@@ -184,8 +184,9 @@ fn chart(points: &[PointInfo], now: i64) -> String {
     )
 }
 
-fn events(o: &mut String, ev: &[Event]) {
-    o.push_str("<h2>Recent events</h2>\n<table id=\"events\"><tr><th>time</th><th>kind</th><th>file</th><th>change</th><th>reason</th></tr>");
+/// The newest events of the store and its replica (`of` says which).
+fn events(o: &mut String, ev: &[Event], store: &str) {
+    o.push_str("<h2>Recent events</h2>\n<table id=\"events\"><tr><th>time</th><th>of</th><th>kind</th><th>file</th><th>change</th><th>reason</th></tr>");
     for e in ev.iter().rev().take(30) {
         let kind = serde_json::to_value(e.kind)
             .ok()
@@ -193,8 +194,9 @@ fn events(o: &mut String, ev: &[Event]) {
             .unwrap_or_default();
         let _ = write!(
             o,
-            "<tr><td>{}</td><td>{kind}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{kind}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             esc(&e.time),
+            if e.store == store { "store" } else { "replica" },
             esc(e.file.as_deref().unwrap_or("")),
             esc(&e
                 .old
