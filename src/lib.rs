@@ -8,6 +8,7 @@
 //! | 0 | `error`, `model` | the vocabulary: errors, ids, paths, runs, manifests, settings, targets; no I/O |
 //! | 1 | `sys` | Linux calls std lacks, fault injection |
 //! | 2 | `state` | the `.drfs` directory of a store or a replica: layout, `state.toml`, locks |
+//! | 2 | `events` | the event history of a store or a replica: one JSON line per change of state |
 //! | 2 | `wire` | the stream protocol: frames, messages, blocks, hash lists |
 //! | 2 | `fuse` | the FUSE toolkit the three filesystems share, and daemon start-up |
 //! | 3 | `transport` | reaching a target's receiver: a byte stream to `drfs receive` |
@@ -26,6 +27,7 @@ pub mod model;
 
 pub mod sys;
 
+pub mod events;
 pub mod fuse;
 pub mod state;
 pub mod wire;

@@ -89,7 +89,29 @@ pub struct Replication {
     /// Cycles are paused (`drfs pause`): changes are tracked, nothing ships.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Pause>,
+    /// Pre- and post-cut hooks: application-consistent points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
 }
+
+/// `[replication.hooks]`: commands run around each consistency group's cut.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hooks {
+    /// Run in order before the cut (e.g. a freeze).
+    #[serde(default)]
+    pub pre: Vec<String>,
+    /// Run in reverse order right after the cut (e.g. the thaw).
+    #[serde(default)]
+    pub post: Vec<String>,
+    /// How often a cycle is application-consistent (none: every cycle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<Interval>,
+    /// A hook running longer is killed (seconds).
+    pub timeout_s: u64,
+}
+
+/// The hook timeout when none is given.
+pub const DEFAULT_HOOK_TIMEOUT_S: u64 = 30;
 
 /// `[replication.paused]`: since when, and until when (none: until `drfs resume`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

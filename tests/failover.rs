@@ -159,6 +159,27 @@ fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit(
     );
     // The history is still browsable.
     assert!(points_json(rep).len() >= 3);
+    // Each failover, change of point and the commit is an event, in order.
+    let out = ok(drfs().arg("events").arg(rep).arg("--json"));
+    let text = stdout(&out);
+    let news: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .chain(serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap_or_default())
+        .filter(|e| e["kind"] == "failover")
+        .map(|e| e["new"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        news,
+        [
+            "promoted",
+            "promoted",
+            "promoted",
+            "promoted",
+            "promoted (committed)"
+        ],
+        "{text}"
+    );
 }
 
 #[test]

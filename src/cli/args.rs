@@ -43,6 +43,10 @@ pub enum Cmd {
         /// the next tracked mount resyncs every file they touched).
         #[arg(long)]
         no_track: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9811); off by
+        /// default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Unmount MOUNTPOINT and wait until the daemon has stopped cleanly.
     Unmount {
@@ -84,8 +88,27 @@ pub enum Cmd {
         /// Move a protected store to another replica (the old one keeps its points).
         #[arg(long)]
         rebind: bool,
+        /// A command run before each consistency group's cut, for application-consistent
+        /// points (e.g. "virsh domfsfreeze vm1"; DRFS_GROUP names the group). Repeat for
+        /// several (run in order); replaces the ones set.
+        #[arg(long = "pre-cut", value_name = "CMD")]
+        pre_cut: Vec<String>,
+        /// A command run right after each group's cut, before shipping (the thaw); runs
+        /// whenever a pre-cut hook started, also after it failed. Repeat for several (run
+        /// in reverse order); replaces the ones set.
+        #[arg(long = "post-cut", value_name = "CMD")]
+        post_cut: Vec<String>,
+        /// How often a cycle runs the hooks (e.g. 4h; default `always`: every cycle).
+        #[arg(long, value_name = "DURATION")]
+        app_consistent_every: Option<String>,
+        /// Kill a hook running longer than this (default 30s); its point is crash-consistent.
+        #[arg(long, value_name = "DURATION")]
+        hook_timeout: Option<String>,
+        /// Remove the pre- and post-cut hooks.
+        #[arg(long, conflicts_with_all = ["pre_cut", "post_cut", "app_consistent_every", "hook_timeout"])]
+        no_hooks: bool,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "pre_cut", "post_cut", "app_consistent_every", "hook_timeout", "no_hooks"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).
@@ -224,6 +247,45 @@ pub enum Cmd {
         /// Print JSON, for tools.
         #[arg(long)]
         json: bool,
+    },
+    /// The event history of a store or a replica, oldest first: health changes, cycles
+    /// failing and recovering, resyncs, points pruned, hooks failing, verify findings, failovers.
+    Events {
+        /// A store (or its mountpoint), or a replica directory.
+        path: PathBuf,
+        /// Only events from this time on: RFC 3339 (2026-12-02T03:00:00Z) or an age (1h).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+        /// Print JSON (an array of events), for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every block of REPLICA's latest point (or one point, or all) against its
+    /// BLAKE3, at the idle I/O priority; exit 2 if a block is bad. Resumes an unfinished run.
+    Verify {
+        /// The replica directory.
+        replica: PathBuf,
+        /// Check this point: the latest files and the undo records it reads.
+        #[arg(long, conflicts_with = "all")]
+        point: Option<String>,
+        /// Check every point: the latest files and every undo record.
+        #[arg(long)]
+        all: bool,
+        /// Read at most this many bytes per second (e.g. 50M).
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Start afresh instead of resuming an unfinished run.
+        #[arg(long)]
+        restart: bool,
+        /// Print the report as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Prometheus metrics of a store or a replica once (the text GET /metrics
+    /// serves), e.g. for node_exporter's textfile collector.
+    Metrics {
+        /// A store (or its mountpoint), or a replica directory.
+        path: PathBuf,
     },
     /// Show what is tracked for STORE (or one PATH in it) since tracking began.
     Changes {

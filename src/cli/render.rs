@@ -299,6 +299,69 @@ pub fn failed_over(f: &crate::ops::failover::FailedOver) -> String {
     out
 }
 
+/// The event history, one line per event: time, kind, file, old -> new, reason.
+pub fn events(ev: &[crate::events::Event]) -> String {
+    if ev.is_empty() {
+        return "no events yet\n".into();
+    }
+    let mut out = String::new();
+    for e in ev {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let file = e
+            .file
+            .as_deref()
+            .map_or(String::new(), |f| format!(" {f}:"));
+        let old = e
+            .old
+            .as_deref()
+            .map_or(String::new(), |o| format!("{o} -> "));
+        out += &format!("{}  {kind:<8}{file} {old}{}  {}\n", e.time, e.new, e.reason);
+    }
+    out
+}
+
+/// A verify run: what it read, how fast, and each bad block.
+pub fn verify(r: &crate::replica::posix::verify::Report) -> String {
+    let rate = if r.run_seconds > 0.0 {
+        format!(", {}/s", human((r.run_bytes as f64 / r.run_seconds) as u64))
+    } else {
+        String::new()
+    };
+    let mut out = format!(
+        "verified {} blocks ({}{rate}{}): {}\n",
+        r.blocks,
+        human(r.bytes),
+        if r.resumed { ", resumed" } else { "" },
+        if r.bad.is_empty() {
+            "every block matches its BLAKE3".to_string()
+        } else {
+            format!(
+                "{} BAD",
+                crate::model::fmt::plural(r.bad.len() as u64, "block")
+            )
+        }
+    );
+    for b in &r.bad {
+        out += &format!(
+            "BAD {} offset {} ({} bytes), {}: {}; points {}\n",
+            b.file,
+            b.offset,
+            b.len,
+            b.source,
+            b.why,
+            if b.points.is_empty() {
+                "none".to_string()
+            } else {
+                b.points.join(", ")
+            }
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             allow_other,
             foreground,
             no_track,
+            metrics_listen,
         } => mount(MountOpts {
             store,
             mountpoint,
@@ -47,6 +48,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             allow_other,
             foreground,
             track: !no_track,
+            metrics_listen,
         }),
         Cmd::Unmount { mountpoint, lazy } => {
             ops::mount::unmount(&mountpoint, lazy)?;
@@ -63,6 +65,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             seed,
             rebind,
             show,
+            pre_cut,
+            post_cut,
+            app_consistent_every,
+            hook_timeout,
+            no_hooks,
         } => {
             let store = behind(&store);
             if show {
@@ -77,6 +84,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 group: group.as_deref(),
                 seed,
                 rebind,
+                pre_cut: (!pre_cut.is_empty()).then_some(pre_cut.as_slice()),
+                post_cut: (!post_cut.is_empty()).then_some(post_cut.as_slice()),
+                app_consistent_every: app_consistent_every.as_deref(),
+                hook_timeout: hook_timeout.as_deref(),
+                no_hooks,
             };
             settings(&store, ops::protect::protect(&store, &p)?)
         }
@@ -115,6 +127,48 @@ pub fn run(cli: Cli) -> Result<i32> {
         },
         Cmd::Points { replica, json } => points(&replica, json),
         Cmd::Status { path, json } => status(&behind(&path), json),
+        Cmd::Verify {
+            replica,
+            point,
+            all,
+            rate,
+            restart,
+            json,
+        } => {
+            if std::fs::symlink_metadata(&replica).is_err() {
+                return Err(Error::Invalid(format!(
+                    "{}: no such file or directory",
+                    replica.display()
+                ))
+                .into());
+            }
+            let v = ops::verify::Verify {
+                point: point.as_deref(),
+                all,
+                rate,
+                restart,
+            };
+            let rep = ops::verify::verify(&replica, &v)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", render::verify(&rep));
+            }
+            Ok(if rep.bad.is_empty() { 0 } else { 2 })
+        }
+        Cmd::Metrics { path } => {
+            print!("{}", ops::metrics::text(&behind(&path))?);
+            Ok(0)
+        }
+        Cmd::Events { path, since, json } => {
+            let ev = ops::events::events(&behind(&path), since.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ev)?);
+            } else {
+                print!("{}", render::events(&ev));
+            }
+            Ok(0)
+        }
         Cmd::Browse {
             replica,
             mountpoint,
@@ -239,6 +293,10 @@ fn show_settings(store: &Path) -> Result<i32> {
         ),
         None => println!("paused        no"),
     }
+    println!(
+        "hooks         {}",
+        ops::protect::hooks_text(r.hooks.as_ref())
+    );
     println!("replica id    {}", r.replica_id);
     Ok(0)
 }

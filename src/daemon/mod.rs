@@ -5,6 +5,7 @@
 //! clean stop. How it reports its status is given to it (`DaemonOpts::status`).
 
 pub mod control;
+pub mod http;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct DaemonOpts {
     /// Off for benchmarks only: changes go unrecorded.
     pub track: bool,
     pub status: StatusFn,
+    /// Where to serve `GET /metrics` (none: nowhere).
+    pub metrics_listen: Option<String>,
 }
 
 /// The store daemon's log.
@@ -44,6 +47,10 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
     let mut start = Starting::new(ready);
     let sd = StateDir::new(store);
     let (tracker, lock) = start.check(track(o, store, mnt))?;
+    let listener = match &o.metrics_listen {
+        Some(a) => Some(start.check(http::bind(a))?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     if tracker.is_some() {
         start.check(heartbeat(&sd, stop.clone()))?;
@@ -68,9 +75,18 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
         threads: o.threads,
     };
     let served = start.mount(drfs, mnt, store, &opts)?;
+    let mut watcher = None;
     let (sched, socket) = match &tracker {
         Some(t) => {
-            let sched = Scheduler::start(t.clone());
+            let watch = health_watch(sd.clone(), t.clone());
+            let w2 = watch.clone();
+            let sched = Scheduler::start(t.clone(), Arc::new(move |_| w2()));
+            watcher = start_watch(watch, stop.clone());
+            if let Some(l) = listener {
+                if let Err(e) = http::serve(l, routes(sd.clone(), t.clone())) {
+                    tracing::error!("metrics listener: {e}");
+                }
+            }
             let path = control::socket_path(&t.config().store_id);
             let (t2, sd2, status) = (t.clone(), sd.clone(), o.status.clone());
             let answer = Arc::new(move || status(&sd2, &t2));
@@ -85,6 +101,10 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
     stop.store(true, Ordering::Release);
     if let Some(s) = &sched {
         s.stop();
+    }
+    // No look at the health after the tracking closes.
+    if let Some(w) = watcher {
+        let _ = w.join();
     }
     if let Some(p) = &socket {
         let _ = std::fs::remove_file(p);
@@ -112,6 +132,69 @@ fn track(o: &DaemonOpts, store: &Path, mnt: &Path) -> Result<(Option<Arc<Tracker
     let lock = run::lock(&sd)?;
     crate::fuse::daemon::log_to(&log_path(&sd));
     Ok((Some(Arc::new(Tracker::start(sd, cfg, mnt)?)), Some(lock)))
+}
+
+/// What the HTTP listener serves: `/metrics` and the status page at `/`.
+fn routes(sd: StateDir, t: Arc<Tracker>) -> http::Route {
+    Arc::new(move |path| {
+        let status = crate::obs::status::store(&sd, Some(&t), true);
+        match path {
+            "/metrics" => Some((
+                crate::obs::metrics::CONTENT_TYPE,
+                match status {
+                    Ok(s) => crate::obs::metrics::of_store(&sd, &s),
+                    Err(e) => format!("# drfs: {e}\n"),
+                },
+            )),
+            "/" | "/index.html" => Some((
+                "text/html; charset=utf-8",
+                match status {
+                    Ok(s) => crate::obs::page::of_store(&sd, &s),
+                    Err(e) => format!("<!DOCTYPE html><p>drfs: {e}</p>\n"),
+                },
+            )),
+            _ => None,
+        }
+    })
+}
+
+/// Looks at the store's health and records a change as an event.
+/// One look at a time: a status taken before a cycle ended must not be recorded after
+/// the one taken when it ended.
+fn health_watch(sd: StateDir, t: Arc<Tracker>) -> Arc<dyn Fn() + Send + Sync> {
+    let one = parking_lot::Mutex::new(());
+    Arc::new(move || {
+        let _one = one.lock();
+        match crate::obs::status::store(&sd, Some(&t), true) {
+            Ok(s) => crate::obs::watch::health(&sd, s.health, &s.reasons),
+            Err(e) => tracing::warn!("health: {e}"),
+        }
+    })
+}
+
+/// How often the daemon looks at the health between cycles.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn start_watch(
+    watch: Arc<dyn Fn() + Send + Sync>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let r = std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            let tick = std::time::Duration::from_millis(100);
+            let mut waited = WATCH_EVERY;
+            while !stop.load(Ordering::Acquire) {
+                if waited >= WATCH_EVERY {
+                    watch();
+                    waited = std::time::Duration::ZERO;
+                }
+                std::thread::sleep(tick);
+                waited += tick;
+            }
+        });
+    r.map_err(|e| tracing::error!("cannot start the health watch: {e}"))
+        .ok()
 }
 
 fn heartbeat(sd: &StateDir, stop: Arc<AtomicBool>) -> Result<()> {

@@ -83,6 +83,24 @@ pub struct StoreStatus {
     pub last_error: Option<String>,
     pub failed_last_hour: u32,
     pub cycles_last_hour: u32,
+    /// The newest point's cut, in nanoseconds since the epoch.
+    #[serde(default)]
+    pub last_point_time_ns: Option<i64>,
+    /// When the last successful cycle started (ns since the epoch).
+    #[serde(default)]
+    pub last_success_time_ns: Option<i64>,
+    /// Failed cycles in a row.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Every cycle so far, added up.
+    #[serde(default)]
+    pub totals: crate::primary::cycle::Totals,
+    /// The cut time of the newest application-consistent point (ns since the epoch).
+    #[serde(default)]
+    pub last_app_consistent_time_ns: Option<i64>,
+    /// Pre- and post-cut hooks are set.
+    #[serde(default)]
+    pub hooks: bool,
     /// What the last crash cost, as the mount after it found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<track::recovery::Recovery>,
@@ -182,6 +200,12 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
                 ),
             );
         }
+        if let Some(h) = &st.hook_failure {
+            raise(
+                Health::Warning,
+                format!("the last application-consistent cut gave a crash point: {h}"),
+            );
+        }
         if resyncing > 0 {
             raise(
                 Health::Warning,
@@ -239,6 +263,12 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         last_cycle: st.last.clone(),
         failed_last_hour: failed,
         cycles_last_hour: recent.len() as u32,
+        last_point_time_ns: st.point_time_ns,
+        last_success_time_ns: st.last_ok_ns,
+        consecutive_failures: st.failures,
+        totals: st.totals,
+        last_app_consistent_time_ns: st.last_app_ns,
+        hooks: rep.as_ref().is_some_and(|r| r.hooks.is_some()),
         last_recovery: track::recovery::Recovery::load(&sd.path("recovery.json")),
         files,
     })
@@ -264,6 +294,11 @@ pub struct ReplicaStatus {
     pub latest: Option<PointInfo>,
     pub latest_age_s: Option<f64>,
     pub oldest: Option<PointInfo>,
+    /// Bytes the undo records of all points take on disk.
+    pub undo_bytes: u64,
+    /// When the last `drfs verify` finished, and how many bad blocks it found.
+    pub verified: Option<String>,
+    pub verify_bad_blocks: Option<u64>,
     /// The running test failover, if any.
     pub test_failover: Option<crate::mounts::test_failover::Running>,
 }
@@ -343,6 +378,14 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
     if r.sd.path("journal.json").exists() {
         reasons.push("an apply was interrupted; the next receive finishes it".to_string());
     }
+    let verified = crate::replica::posix::verify::last(r).filter(|v| v.finished.is_some());
+    if let Some(v) = verified.as_ref().filter(|v| !v.bad.is_empty()) {
+        reasons.push(format!(
+            "drfs verify (finished {}) found {} that fail their BLAKE3 (drfs verify --json lists them)",
+            v.finished.as_deref().unwrap_or("?"),
+            crate::model::fmt::plural(v.bad.len() as u64, "block")
+        ));
+    }
     Ok(ReplicaStatus {
         path: r.root.display().to_string(),
         role: if r.cfg.lineage.iter().any(|e| e.why == Why::Demoted) {
@@ -369,6 +412,9 @@ pub fn replica(r: &Replica) -> Result<ReplicaStatus> {
         latest_age_s: latest.as_ref().map(|p| (now - p.time_ns) as f64 / 1e9),
         latest,
         oldest: points.first().cloned(),
+        undo_bytes: r.undo_bytes()?,
+        verified: verified.as_ref().and_then(|v| v.finished.clone()),
+        verify_bad_blocks: verified.as_ref().map(|v| v.bad.len() as u64),
         test_failover: crate::mounts::test_failover::running(r),
     })
 }

@@ -186,7 +186,12 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
         ),
         None => format!("failover: promoted to a primary at point {}", target.id),
     };
-    log(&r.sd, &line);
+    let old = if r.cfg.promoted.is_some() {
+        "promoted"
+    } else {
+        "replica"
+    };
+    log(&r.sd, old, "promoted", &line);
     Ok(FailedOver {
         store: root,
         point: target.id,
@@ -298,7 +303,12 @@ pub fn commit(store: &Path) -> Result<FailedOver> {
         q.committed = true;
     }
     r.sd.write_config(&cfg)?;
-    log(&r.sd, &format!("failover: committed at point {}", p.point));
+    log(
+        &r.sd,
+        "promoted",
+        "promoted (committed)",
+        &format!("failover: committed at point {}", p.point),
+    );
     Ok(FailedOver {
         store: root,
         point: p.point,
@@ -310,11 +320,16 @@ pub fn commit(store: &Path) -> Result<FailedOver> {
     })
 }
 
-/// One line in the store's daemon log (`DIR/.drfs/daemon.log`).
-fn log(sd: &StateDir, line: &str) {
+/// One line in the daemon log (`DIR/.drfs/daemon.log`) and an event in the history:
+/// the role went from `old` to `new`.
+pub(crate) fn log(sd: &StateDir, old: &str, new: &str, line: &str) {
     if let Ok(cfg) = sd.config() {
         let _ = crate::ops::note(sd, &cfg.store_id, line);
     }
+    crate::events::record(
+        sd,
+        crate::events::Event::new(sd, crate::events::Kind::Failover, new, line).old(old),
+    );
 }
 
 /// `drfs failover STORE --planned`.
@@ -370,6 +385,8 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
     demote(&sd, &r, &latest)?;
     log(
         &r.sd,
+        "replica",
+        "promoted",
         &format!(
             "failover: planned failover from {} at point {}; it is now this store's replica",
             root.display(),
@@ -378,6 +395,8 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
     );
     log(
         &sd,
+        "primary",
+        "demoted",
         &format!(
             "failover: planned failover to {} at point {}; this store is its replica now",
             replica.display(),
@@ -496,6 +515,8 @@ fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Re
         replica_id: old_id.clone(),
         expect_every: rep.expect_every,
         paused: None,
+        // The same VMs run there: the same freeze and thaw.
+        hooks: rep.hooks.clone(),
     });
     let st = CycleState {
         version: crate::primary::cycle::STATE_VERSION,

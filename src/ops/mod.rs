@@ -1,9 +1,11 @@
 //! What the command line calls: each command that does more than one library call is a
 //! function here, returning what happened (the CLI prints it). `mount` (and `unmount`),
-//! `protect`, `ship`, `receive`, `status`, `browse`, `test_failover`.
+//! `protect`, `ship`, `receive`, `status`, `events`, `metrics`, `browse`, `test_failover`, `verify`.
 
 pub mod browse;
+pub mod events;
 pub mod failover;
+pub mod metrics;
 pub mod mount;
 pub mod protect;
 pub mod receive;
@@ -11,6 +13,7 @@ pub mod reprotect;
 pub mod ship;
 pub mod status;
 pub mod test_failover;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 

@@ -28,6 +28,8 @@ pub struct MountOpts {
     pub allow_other: bool,
     pub foreground: bool,
     pub track: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) at this address.
+    pub metrics_listen: Option<String>,
 }
 
 /// Checks the arguments and detaches a stale mount; returns canonical (store, mountpoint).
@@ -78,6 +80,7 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
                     .map(|s| serde_json::to_value(s).unwrap_or_default())
                     .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
             }),
+            metrics_listen: opts.metrics_listen.clone(),
         };
         return daemon::serve(&d, &store, &mnt, Ready::from_env());
     }
@@ -96,6 +99,9 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
     }
     if !opts.track {
         args.push("--no-track".into());
+    }
+    if let Some(a) = &opts.metrics_listen {
+        args.extend(["--metrics-listen".into(), a.into()]);
     }
     process::spawn(&args, &log_path(&StateDir::new(&store)))
 }

@@ -14,7 +14,7 @@ use crate::model::fmt::rfc3339_ns;
 use crate::model::retention::{self, Policy};
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
-use crate::state::{Config, Pause, Replication, Role, StateDir};
+use crate::state::{Config, Hooks, Pause, Replication, Role, StateDir};
 
 /// What `drfs protect` sets; what is left out keeps its value (or its default, the first
 /// time).
@@ -29,6 +29,15 @@ pub struct Protect<'a> {
     pub seed: bool,
     /// The store may move to another replica than the one it replicates to.
     pub rebind: bool,
+    /// Pre-cut hooks (replacing the ones set), in order.
+    pub pre_cut: Option<&'a [String]>,
+    /// Post-cut hooks (replacing the ones set), run in reverse order.
+    pub post_cut: Option<&'a [String]>,
+    /// How often a cycle runs the hooks (e.g. `4h`; `always`: every cycle).
+    pub app_consistent_every: Option<&'a str>,
+    pub hook_timeout: Option<&'a str>,
+    /// Forget the hooks.
+    pub no_hooks: bool,
 }
 
 /// The interval a first `protect` takes when none is given.
@@ -130,6 +139,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, Some(r)) => r.group,
         (None, None) => Group::default(),
     };
+    let hooks = hooks(p, old.as_ref().and_then(|r| r.hooks.clone()))?;
     let (sd, mut cfg) = match sd.exists().then(|| sd.config()).transpose()? {
         Some(c) if c.role == Role::Replica => (onward(&sd, &c, &target)?, c),
         _ => StateDir::open_or_init(sd.store(), None)?,
@@ -157,6 +167,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         replica_id,
         expect_every,
         paused: old.as_ref().and_then(|r| r.paused.clone()),
+        hooks,
     };
     let what = changes(old.as_ref(), &rep);
     if old.as_ref().is_none_or(|r| r.replica_id != rep.replica_id) {
@@ -175,6 +186,75 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         what,
         warnings,
     })
+}
+
+/// The hooks after this change: each option given replaces its part, the others keep
+/// theirs; every command must be executable.
+fn hooks(p: &Protect<'_>, old: Option<Hooks>) -> Result<Option<Hooks>> {
+    if p.no_hooks {
+        return Ok(None);
+    }
+    let given = p.pre_cut.is_some()
+        || p.post_cut.is_some()
+        || p.app_consistent_every.is_some()
+        || p.hook_timeout.is_some();
+    if !given {
+        return Ok(old);
+    }
+    let mut h = old.unwrap_or(Hooks {
+        pre: Vec::new(),
+        post: Vec::new(),
+        every: None,
+        timeout_s: crate::state::DEFAULT_HOOK_TIMEOUT_S,
+    });
+    use crate::primary::cycle::hooks::check;
+    if let Some(v) = p.pre_cut {
+        v.iter().try_for_each(|c| check(c, "--pre-cut"))?;
+        h.pre = v.to_vec();
+    }
+    if let Some(v) = p.post_cut {
+        v.iter().try_for_each(|c| check(c, "--post-cut"))?;
+        h.post = v.to_vec();
+    }
+    if let Some(e) = p.app_consistent_every {
+        h.every = match e {
+            "always" => None,
+            _ => match e.parse().map_err(Error::Invalid)? {
+                Interval::Manual => {
+                    return Err(Error::Invalid(
+                        "--app-consistent-every takes a duration (e.g. 4h) or `always`".into(),
+                    ));
+                }
+                i => Some(i),
+            },
+        };
+    }
+    if let Some(t) = p.hook_timeout {
+        let d = humantime::parse_duration(t)
+            .map_err(|e| Error::Invalid(format!("--hook-timeout {t:?}: {e}")))?;
+        h.timeout_s = d.as_secs().max(1);
+    }
+    if h.pre.is_empty() && h.post.is_empty() {
+        return Err(Error::Invalid(
+            "--app-consistent-every and --hook-timeout need a --pre-cut or --post-cut hook".into(),
+        ));
+    }
+    Ok(Some(h))
+}
+
+/// The hooks in words.
+pub fn hooks_text(h: Option<&Hooks>) -> String {
+    let Some(h) = h else {
+        return "none".into();
+    };
+    format!(
+        "pre {:?}, post {:?}, {}, timeout {} s",
+        h.pre,
+        h.post,
+        h.every
+            .map_or("every cycle".to_string(), |e| format!("every {e}")),
+        h.timeout_s
+    )
 }
 
 fn parse_expect(e: &str, interval: Interval) -> Result<Interval> {
@@ -250,6 +330,11 @@ fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
     );
     diff("keep", old.keep.clone(), new.keep.clone());
     diff("group", old.group.to_string(), new.group.to_string());
+    diff(
+        "hooks",
+        hooks_text(old.hooks.as_ref()),
+        hooks_text(new.hooks.as_ref()),
+    );
     out
 }
 

@@ -12,5 +12,11 @@ pub fn receive(replica: &Path) -> Result<()> {
     unsafe { libc::umask(0o077) };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    crate::replica::receive::serve(replica, stdin, stdout)
+    let r = crate::replica::receive::serve(replica, stdin, stdout);
+    if let Ok(rep) = crate::replica::posix::Replica::open_only(replica) {
+        if let Ok(s) = crate::obs::status::replica(&rep) {
+            crate::obs::watch::health(&rep.sd, s.health, &s.reasons);
+        }
+    }
+    r
 }

@@ -142,7 +142,8 @@ pub fn reprotect(store: &Path, p: &Reprotect<'_>) -> Result<Reprotected> {
             old.display(),
             diverged.id
         );
-        let _ = crate::ops::note(&sd, &cfg.store_id, &line);
+        crate::ops::failover::log(&sd, "promoted", "promoted", &line);
+        crate::ops::failover::log(&StateDir::new(&old), "primary", "demoted", &line);
     }
     Ok(Reprotected {
         store: root,
@@ -159,7 +160,7 @@ fn demote(osd: &StateDir, ocfg: &Config, new: &Config, root: &Path) -> Result<Po
     let m = {
         let _lock = run::lock(osd)?;
         let t = Tracker::start(osd.clone(), ocfg.clone(), Path::new("(drfs reprotect)"))?;
-        let cut = t.cut(false, true)?;
+        let cut = t.cut(false, true, &mut |_, _| {})?;
         let m = Manifest {
             version: POINT_VERSION,
             generation,

@@ -57,6 +57,10 @@ pub fn ship(store: &Path, resync: bool, progress: Option<Arc<dyn Progress>>) -> 
             consistency: None,
         },
     );
+    match crate::obs::status::store(&sd, Some(&tracker), false) {
+        Ok(s) => crate::obs::watch::health(&sd, s.health, &s.reasons),
+        Err(e) => tracing::warn!("health: {e}"),
+    }
     tracker.close()?;
     Ok(ShipReply::from(&o))
 }

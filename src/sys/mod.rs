@@ -1,6 +1,6 @@
 //! Thin, safe wrappers over the Linux system calls drfs needs and std does not offer:
 //! `*at` calls relative to O_PATH descriptors, statx birth times, fallocate, lseek with
-//! SEEK_DATA/SEEK_HOLE, copy_file_range, xattrs, and the boot id. Every wrapper returns
+//! SEEK_DATA/SEEK_HOLE, copy_file_range, xattrs, the boot id, the I/O priority. Every wrapper returns
 //! `io::Result` and never panics on input from outside the process.
 
 pub mod aligned;
@@ -265,13 +265,33 @@ pub fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// Whether a process with this pid exists.
+/// Puts this process in the idle I/O scheduling class (ioprio_set(2)): its disk reads
+/// wait while anything else wants the disk.
+pub fn ioprio_idle() -> io::Result<()> {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// flock(2) on an open file.
 pub fn flock(f: &std::fs::File, op: i32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     cvt(unsafe { libc::flock(f.as_raw_fd(), op) }).map(|_| ())
 }
 
+/// Whether a process with this pid exists.
 pub fn pid_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }

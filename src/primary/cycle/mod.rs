@@ -10,6 +10,7 @@
 //! crash, a cycle the replica committed), the last cycle's figures and error, a history of
 //! recent attempts, and whether replication stopped on an unrecoverable error.
 
+pub mod hooks;
 pub mod schedule;
 pub mod source;
 
@@ -19,6 +20,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Class, Error, Result};
+use crate::events::{self, Event, Kind};
 use crate::model::progress::Progress;
 use crate::model::{Consistency, Group, Manifest};
 use crate::primary::track::Tracker;
@@ -70,6 +72,33 @@ pub struct CycleState {
     pub failures: u32,
     /// Set when replication stopped on an unrecoverable error.
     pub critical: Option<String>,
+    /// Counts since the store was first protected (absent before issue 17: from zero).
+    #[serde(default)]
+    pub totals: Totals,
+    /// When the last successful cycle started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok_ns: Option<i64>,
+    /// The cut time of the newest application-consistent point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_app_ns: Option<i64>,
+    /// Why the last application-consistent attempt gave a crash point (cleared by the
+    /// next one that works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_failure: Option<String>,
+}
+
+/// What every cycle so far added up to (the counters Prometheus scrapes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub cycles: u64,
+    pub failed: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Bytes of block data, before compression.
+    pub data_bytes: u64,
+    /// Pre- and post-cut hooks that failed or timed out.
+    #[serde(default)]
+    pub hook_failures: u64,
 }
 
 impl CycleState {
@@ -96,11 +125,16 @@ impl CycleState {
         if self.history.len() > HISTORY {
             self.history.drain(..self.history.len() - HISTORY);
         }
+        self.totals.cycles += 1;
+        self.totals.bytes += last.bytes;
+        self.totals.data_bytes += last.data_bytes;
         if last.ok {
+            self.last_ok_ns = Some(last.time_ns);
             self.failures = 0;
             self.critical = None;
         } else {
             self.failures += 1;
+            self.totals.failed += 1;
             if !last.recoverable {
                 self.critical = last.error.clone();
             }
@@ -153,6 +187,7 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
         Ok(s) => s,
         Err(e) => return failed(e, started),
     };
+    let prev = st.last.clone();
     let result = cycle(tracker, &mut st, opts);
     let duration_ms = started.elapsed().as_millis() as u64;
     let outcome = match result {
@@ -174,7 +209,44 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
     if let Err(e) = st.save(&sd) {
         tracing::error!("saving cycle state: {e}");
     }
+    record_change(&sd, prev.as_ref(), &outcome, st.failures);
     outcome
+}
+
+/// An event when a cycle fails after a success (or for another reason than the last
+/// failure), stops replication, or succeeds after failures.
+fn record_change(sd: &StateDir, prev: Option<&LastCycle>, o: &Outcome, failures: u32) {
+    let was = prev.map(|p| if p.ok { "ok" } else { "failed" });
+    if o.ok {
+        if was == Some("failed") {
+            let e = Event::new(
+                sd,
+                Kind::Cycle,
+                "ok",
+                format!("{} after failed attempts", o.message),
+            );
+            events::record(sd, e.old("failed"));
+        }
+        return;
+    }
+    let new = if o.class.is_transient() {
+        "failed"
+    } else {
+        "stopped"
+    };
+    let same = prev.is_some_and(|p| !p.ok && p.error.as_deref() == Some(o.message.as_str()));
+    if !same {
+        let mut e = Event::new(
+            sd,
+            Kind::Cycle,
+            new,
+            format!("{} ({failures} in a row)", o.message),
+        );
+        if let Some(w) = was {
+            e = e.old(w);
+        }
+        events::record(sd, e);
+    }
 }
 
 fn failed(e: Error, started: Instant) -> Outcome {
@@ -215,6 +287,94 @@ fn replication(tracker: &Tracker) -> Result<Replication> {
             tracker.state().store().display()
         ))
     })
+}
+
+/// Whether this cycle runs the hooks: they are set, and an application-consistent point
+/// is due (none yet, the last older than `every`, or the last attempt failed). An
+/// explicit consistency (the control socket's) runs none.
+fn app_due(rep: &Replication, st: &CycleState, asked: Option<Consistency>) -> bool {
+    let Some(h) = &rep.hooks else { return false };
+    if asked.is_some() || (h.pre.is_empty() && h.post.is_empty()) {
+        return false;
+    }
+    let Some(every) = h.every.and_then(|e| e.every()) else {
+        return true;
+    };
+    let now = sys::now_ns() as i64;
+    st.hook_failure.is_some()
+        || st
+            .last_app_ns
+            .is_none_or(|t| now - t >= every.as_nanos() as i64)
+}
+
+/// The cut, with each group's pre hooks before its instant and post hooks right after
+/// (when `app`); what failed.
+fn cut_around(
+    tracker: &Tracker,
+    rep: &Replication,
+    resync: bool,
+    app: bool,
+) -> Result<(crate::primary::track::cut::Cut, Vec<String>)> {
+    let none = crate::state::Hooks {
+        pre: Vec::new(),
+        post: Vec::new(),
+        every: None,
+        timeout_s: crate::state::DEFAULT_HOOK_TIMEOUT_S,
+    };
+    let h = rep.hooks.as_ref().filter(|_| app).unwrap_or(&none);
+    let hk = hooks::Hooks {
+        pre: &h.pre,
+        post: &h.post,
+        timeout: std::time::Duration::from_secs(h.timeout_s),
+        store: tracker.state().store(),
+    };
+    let mut failures = Vec::new();
+    let mut cur = hooks::Around::default();
+    let cut = tracker.cut(rep.group == Group::Dir, resync, &mut |group, before| {
+        if !app {
+            return;
+        }
+        if before {
+            cur = hooks::Around::default();
+            hk.pre(group, &mut cur);
+        } else {
+            hk.post(group, &mut cur);
+            failures.append(&mut cur.failures);
+        }
+    })?;
+    Ok((cut, failures))
+}
+
+/// Records how an application-consistent attempt went: each failure an event, the
+/// Warning set or cleared.
+fn hooks_done(sd: &StateDir, st: &mut CycleState, failures: &[String]) {
+    if failures.is_empty() {
+        st.hook_failure = None;
+        return;
+    }
+    for f in failures {
+        let e = Event::new(
+            sd,
+            Kind::Hook,
+            "failed",
+            format!("{f}; the point is crash-consistent"),
+        );
+        events::record(sd, e);
+    }
+    st.totals.hook_failures += failures.len() as u64;
+    st.hook_failure = Some(failures.join("; "));
+}
+
+/// Events for the resyncs point `id` completed: the whole store's, or each flagged file's.
+fn resynced(sd: &StateDir, cut: &crate::primary::track::cut::Cut, whole: bool, id: &str) {
+    let done = |e: Event| events::record(sd, e.old("started"));
+    if whole {
+        done(Event::new(sd, Kind::Resync, "done", format!("point {id}")));
+        return;
+    }
+    for f in cut.files.iter().filter(|f| f.resync) {
+        done(Event::new(sd, Kind::Resync, "done", format!("point {id}")).file(f.path.to_string()));
+    }
 }
 
 fn cycle(tracker: &Tracker, st: &mut CycleState, opts: CycleOpts) -> Result<Outcome> {
@@ -286,7 +446,27 @@ fn exchange(
     // A replica without a point yet gets an initial replication: every file is compared
     // by hash, so nothing is assumed about it (and a copy placed there seeds it).
     let resync = opts.resync || theirs.is_none();
-    let cut = tracker.cut(rep.group == Group::Dir, resync)?;
+    let why = if theirs.is_none() {
+        "initial replication: every file is compared by BLAKE3"
+    } else {
+        "drfs ship --resync: every file is compared by BLAKE3"
+    };
+    if resync && st.failures == 0 {
+        events::record(
+            tracker.state(),
+            Event::new(tracker.state(), Kind::Resync, "started", why),
+        );
+    }
+    let app = app_due(rep, st, opts.consistency);
+    let (cut, failures) = cut_around(tracker, rep, resync, app)?;
+    let consistency = match opts.consistency {
+        Some(c) => c,
+        None if app && failures.is_empty() => Consistency::Application,
+        None => Consistency::Crash,
+    };
+    if app {
+        hooks_done(tracker.state(), st, &failures);
+    }
     let pause_us = cut.pause.as_micros() as u64;
     let manifest = Manifest {
         version: crate::model::manifest::POINT_VERSION,
@@ -294,7 +474,7 @@ fn exchange(
         cut_id: cut_id.clone(),
         time: crate::model::fmt::rfc3339_ns(i128::from(cut.time_ns)),
         time_ns: cut.time_ns,
-        consistency: opts.consistency.unwrap_or(Consistency::Crash),
+        consistency,
         block_size: cfg.block_size,
         groups: cut.groups.clone(),
         entries: cut.entries.clone(),
@@ -317,9 +497,13 @@ fn exchange(
     );
     tracker.end_cycle(&cut, r.is_ok())?;
     let (point, stats) = r?;
+    resynced(tracker.state(), &cut, resync, &point.id);
     st.generation = Some(generation);
     st.point = Some(point.id.clone());
     st.point_time_ns = Some(cut.time_ns);
+    if consistency == Consistency::Application {
+        st.last_app_ns = Some(cut.time_ns);
+    }
     st.in_flight = None;
     Ok(Outcome {
         ok: true,

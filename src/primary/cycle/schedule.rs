@@ -28,8 +28,12 @@ struct Wake {
     poke: bool,
 }
 
+/// Called after every cycle the scheduler runs (the daemon looks at the health again).
+pub type AfterCycle = Arc<dyn Fn(&Outcome) + Send + Sync>;
+
 pub struct Scheduler {
     tracker: Arc<Tracker>,
+    after: AfterCycle,
     run: Mutex<()>,
     wake: Mutex<Wake>,
     cv: Condvar,
@@ -37,9 +41,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(tracker: Arc<Tracker>) -> Arc<Scheduler> {
+    pub fn start(tracker: Arc<Tracker>, after: AfterCycle) -> Arc<Scheduler> {
         let s = Arc::new(Scheduler {
             tracker,
+            after,
             run: Mutex::new(()),
             wake: Mutex::new(Wake::default()),
             cv: Condvar::new(),
@@ -61,6 +66,7 @@ impl Scheduler {
         let _r = self.run.lock();
         let o = cycle::run(&self.tracker, opts);
         log_outcome(&o);
+        (self.after)(&o);
         o
     }
 

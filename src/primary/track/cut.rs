@@ -65,7 +65,15 @@ impl Tracker {
     /// Cuts the store: the whole store as one consistency group, or (`by_dir`) each
     /// top-level folder as its own. With `whole`, every file is cut whole (its every block
     /// is protected until shipped), as a cycle that compares whole files needs.
-    pub fn cut(&self, by_dir: bool, whole: bool) -> Result<Cut> {
+    ///
+    /// `around(group, true)` runs right before a group's instant and `around(group,
+    /// false)` right after it (also when the flip failed): the pre- and post-cut hooks.
+    pub fn cut(
+        &self,
+        by_dir: bool,
+        whole: bool,
+        around: &mut dyn FnMut(&str, bool),
+    ) -> Result<Cut> {
         let _ns = self.ns.write();
         let tracked: Vec<Tracked> = {
             let inner = self.inner.lock();
@@ -95,13 +103,17 @@ impl Tracker {
         let mut cut_times = Vec::new();
         let mut epochs = (0, 0);
         for (g, members) in &groups {
-            let (e, t, p) = self.cut_group(members)?;
+            let name = String::from_utf8_lossy(g).into_owned();
+            around(&name, true);
+            let r = self.cut_group(members);
+            around(&name, false);
+            let (e, t, p) = r?;
             if epochs.0 == 0 {
                 epochs.0 = e;
             }
             epochs.1 = e;
             pause += p;
-            cut_times.push((String::from_utf8_lossy(g).into_owned(), t));
+            cut_times.push((name, t));
         }
         let mut files = Vec::new();
         for t in &tracked {

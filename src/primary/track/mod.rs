@@ -160,6 +160,15 @@ impl Tracker {
             if let Op::Changed { path, why, .. } | Op::Found { path, why, .. } = &op {
                 flagged.push((path.clone(), why.clone()));
             }
+            if let Op::Changed { path, why, .. } = &op {
+                let e = crate::events::Event::new(
+                    &t.state,
+                    crate::events::Kind::Resync,
+                    "started",
+                    why.clone(),
+                );
+                crate::events::record(&t.state, e.file(path.to_string()));
+            }
             t.record(op)?;
         }
         t.save_table()?;

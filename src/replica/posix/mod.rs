@@ -19,6 +19,7 @@ pub mod source;
 pub mod store;
 pub mod tree;
 pub mod undo;
+pub mod verify;
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -120,6 +121,23 @@ impl Replica {
 
     pub fn undo_dir(&self, id: &str) -> PathBuf {
         self.point_dir(id).join("undo")
+    }
+
+    /// The bytes all points' undo records take on disk (allocated blocks: saved data is
+    /// sparse).
+    pub fn undo_bytes(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut n = 0;
+        for p in self.points()? {
+            let dir = self.undo_dir(&p.id);
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                n += e.metadata().map_or(0, |m| m.blocks() * 512);
+            }
+        }
+        Ok(n)
     }
 
     /// The block hashes of a file of the latest point.
@@ -226,6 +244,10 @@ impl Replica {
             let info = dir.join("point.json");
             std::fs::remove_file(&info).at(&info)?;
             std::fs::remove_dir_all(&dir).at(&dir)?;
+            let keep = self.cfg.keep.as_deref().unwrap_or(retention::DEFAULT);
+            let why = format!("point {} of {}: not kept by {keep}", p.id, p.time);
+            let e = crate::events::Event::new(&self.sd, crate::events::Kind::Prune, "pruned", why);
+            crate::events::record(&self.sd, e.old("kept"));
             dropped.push(p.id.clone());
         }
         Ok(dropped)
