@@ -143,8 +143,11 @@ fn connect(root: &Path) -> Conn {
         let input = theirs.try_clone().expect("clone");
         drfs::replica::receive::serve(&root, input, theirs)
     });
-    let w = Writer::new(BufWriter::new(mine.try_clone().expect("clone"))).expect("greeting");
-    let r = Reader::new(BufReader::new(mine)).expect("greeting");
+    let (w, r) = drfs::wire::greeting::open(
+        BufWriter::new(mine.try_clone().expect("clone")),
+        BufReader::new(mine),
+    )
+    .expect("greeting");
     Conn { w, r, receiver }
 }
 

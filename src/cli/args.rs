@@ -58,7 +58,8 @@ pub enum Cmd {
         /// The store (or its mountpoint).
         store: PathBuf,
         /// The replica directory: an empty one, this store's replica, or with --seed one
-        /// holding a copy to seed it. Needed the first time.
+        /// holding a copy to seed it; on another host ssh://[user@]host[:port]/path.
+        /// Needed the first time.
         #[arg(long)]
         to: Option<PathBuf>,
         /// Time between cycles (1s and up; e.g. 30s, 5m, 15m), or `manual` for cycles only
@@ -84,8 +85,13 @@ pub enum Cmd {
         /// Move a protected store to another replica (the old one keeps its points).
         #[arg(long)]
         rebind: bool,
+        /// For an ssh:// replica: the ssh client command, e.g. 'ssh -F FILE -i KEY' (run
+        /// by sh; drfs adds -T, BatchMode=yes and keepalives). Kept in the settings; the
+        /// DRFS_SSH_COMMAND environment variable overrides it. '' goes back to ssh.
+        #[arg(long, value_name = "COMMAND")]
+        ssh_command: Option<String>,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "ssh_command"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).
@@ -117,10 +123,20 @@ pub enum Cmd {
         #[arg(long)]
         resync: bool,
     },
-    /// Serve the receiving end of the replication stream on stdin/stdout.
+    /// Serve the receiving end of the replication stream on stdin/stdout (run by the
+    /// sender, locally or through ssh).
     Receive {
         /// The replica directory.
-        replica: PathBuf,
+        #[arg(
+            required_unless_present = "restrict_to",
+            conflicts_with = "restrict_to"
+        )]
+        replica: Option<PathBuf>,
+        /// As the forced command of a key in authorized_keys: serve only the replica the
+        /// sender asks for (SSH_ORIGINAL_COMMAND `drfs receive PATH`) if it is a directory
+        /// under DIR; nothing else is runnable with the key.
+        #[arg(long, value_name = "DIR")]
+        restrict_to: Option<PathBuf>,
     },
     /// List REPLICA's recovery points, newest first.
     Points {

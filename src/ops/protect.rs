@@ -29,6 +29,8 @@ pub struct Protect<'a> {
     pub seed: bool,
     /// The store may move to another replica than the one it replicates to.
     pub rebind: bool,
+    /// The ssh client command for an ssh:// replica (`Some("")`: back to `ssh`).
+    pub ssh_command: Option<&'a str>,
 }
 
 /// The interval a first `protect` takes when none is given.
@@ -55,9 +57,13 @@ fn store_dir(store: &Path) -> Result<StateDir> {
     Ok(StateDir::new(&store))
 }
 
-/// An existing directory for the replica, outside the store.
+/// An existing directory for the replica, outside the store (on another host: whatever
+/// its receiver says when it is bound).
 fn replica_dir(to: &str, store: &Path) -> Result<Target> {
     let target: Target = to.parse().map_err(Error::Invalid)?;
+    if let Target::Ssh { .. } = target {
+        return Ok(target);
+    }
     let dir = target.local().map_err(Error::Invalid)?;
     let replica = dir
         .canonicalize()
@@ -130,6 +136,11 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, Some(r)) => r.group,
         (None, None) => Group::default(),
     };
+    let ssh_command = match (p.ssh_command, &old) {
+        (Some(c), _) => Some(c.trim().to_string()).filter(|c| !c.is_empty()),
+        (None, Some(r)) => r.ssh_command.clone(),
+        (None, None) => None,
+    };
     let (sd, mut cfg) = StateDir::open_or_init(sd.store(), None)?;
     // The replica learns its store, and its retention policy, when it is bound.
     let bind = old.is_none() || moved || p.to.is_some() || p.keep.is_some();
@@ -140,7 +151,10 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
             keep: &keep,
             seed: p.seed,
         };
-        session::bind(&target, &hello)?
+        let o = crate::transport::Options {
+            ssh_command: ssh_command.clone(),
+        };
+        session::bind(&target, &o, &hello)?
     } else {
         old.as_ref()
             .map(|r| r.replica_id.clone())
@@ -153,6 +167,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         group,
         replica_id,
         expect_every,
+        ssh_command,
         paused: old.as_ref().and_then(|r| r.paused.clone()),
     };
     let what = changes(old.as_ref(), &rep);
@@ -227,6 +242,11 @@ fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
     );
     diff("keep", old.keep.clone(), new.keep.clone());
     diff("group", old.group.to_string(), new.group.to_string());
+    diff(
+        "ssh command",
+        old.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
+        new.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
+    );
     out
 }
 

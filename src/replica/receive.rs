@@ -16,7 +16,7 @@ use crate::replica::posix::incoming::MAX_FILE;
 use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
 use crate::replica::{Binding, ReplicaStore};
-use crate::wire::{Frame, Hashes, Msg, Reader, Writer};
+use crate::wire::{Frame, Hashes, Msg, Reader, WireError, Writer, greeting};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;
@@ -54,15 +54,20 @@ pub fn serve_store<S: ReplicaStore>(
     input: impl Read,
     output: impl Write,
 ) -> Result<()> {
-    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, output))?;
-    let r = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
-        Ok(r) => r,
+    let mut out = BufWriter::with_capacity(1 << 20, output);
+    greeting::announce(&mut out)?;
+    let (w, r) = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
+        Ok(r) => (Writer::at(out, r.version), r),
         Err(e) => {
+            let mut w = Writer::at(out, crate::wire::MIN_VERSION);
             let _ = w.msg(&Msg::Error {
                 message: e.to_string(),
-                recoverable: true,
+                recoverable: !matches!(e, WireError::Version(_)),
             });
-            return Err(e.into());
+            return Err(match e {
+                WireError::Version(v) => Error::operator(v),
+                e => e.into(),
+            });
         }
     };
     let mut s = Session {

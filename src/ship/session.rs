@@ -152,8 +152,8 @@ fn send_cycle<W: Write, R: Read>(
 }
 
 /// Binds the replica at `target` to the store `h` names (`drfs protect`); the replica's id.
-pub fn bind(target: &Target, h: &Hello<'_>) -> Result<String> {
-    let mut link = transport::connect(target)?;
+pub fn bind(target: &Target, o: &transport::Options, h: &Hello<'_>) -> Result<String> {
+    let mut link = transport::connect(target, o)?;
     match hello(&mut link.w, &mut link.r, h, true) {
         Ok(w) => {
             bye(link);

@@ -1,52 +1,116 @@
 //! Reaching a replica's receiver: a target (`model::Target`) becomes a `Link`, the
-//! stream protocol's two directions to a `drfs receive` child process (for a local
-//! directory today, `local`; over ssh later), with the receiver's exit code and last
-//! words when the stream ends badly.
+//! stream protocol's two directions to a `drfs receive` child process (`local` for a
+//! directory on this host, `ssh` for one on another host through the system's ssh
+//! client), opened by the greeting (`wire::greeting`: banner, version agreed), with the
+//! receiver's exit code and last words when the stream ends badly.
 
 pub mod local;
+pub mod ssh;
 
-use std::io::{BufReader, BufWriter, Read};
-use std::process::{Child, ChildStdin, ChildStdout};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::process::{Child, ChildStderr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::{Class, Error, Result};
 use crate::model::Target;
+use crate::wire::greeting::{self, Opening};
 use crate::wire::{Reader, WireError, Writer};
+
+/// How a store reaches its replica, beyond the target itself (kept in `state.toml`).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The ssh client command for `ssh://` targets (`--ssh-command`); the environment
+    /// variable `DRFS_SSH_COMMAND` overrides it.
+    pub ssh_command: Option<String>,
+}
+
+impl Options {
+    /// The options a store's settings give.
+    pub fn of(rep: &crate::state::Replication) -> Options {
+        Options {
+            ssh_command: rep.ssh_command.clone(),
+        }
+    }
+}
+
+pub type LinkWriter = Writer<BufWriter<Box<dyn Write + Send>>>;
+pub type LinkReader = Reader<BufReader<Box<dyn Read + Send>>>;
 
 /// An open stream to a receiver.
 pub struct Link {
     child: Child,
-    pub w: Writer<BufWriter<ChildStdin>>,
-    pub r: Reader<BufReader<ChildStdout>>,
+    stderr: Stderr,
+    pub w: LinkWriter,
+    pub r: LinkReader,
 }
 
 /// Connects to the receiver of `target`.
-pub fn connect(target: &Target) -> Result<Link> {
-    let dir = target.local().map_err(Error::Invalid)?;
-    local::connect(dir)
+pub fn connect(target: &Target, o: &Options) -> Result<Link> {
+    match target {
+        Target::Local(dir) => local::connect(dir),
+        Target::Ssh { .. } => ssh::connect(target, o),
+        Target::S3 { .. } => Err(Error::Invalid(target.local().err().unwrap_or_default())),
+    }
+}
+
+/// Why a link could not open, from the child's exit code, its last lines on stderr and
+/// what the greeting met.
+pub type Diagnose<'a> = &'a dyn Fn(Option<i32>, &[String], Failure) -> Error;
+
+/// What went wrong while the stream opened.
+#[derive(Debug)]
+pub enum Failure {
+    /// The far side printed something that is not drfs's banner.
+    Noise(String),
+    /// No version in common.
+    Version(String),
+    /// The stream broke (often: the child ended before it said anything).
+    Stream(WireError),
 }
 
 impl Link {
-    /// A link whose stream opened (`w`, `r`: the protocol's greeting both ways), or why not.
-    fn open(
-        mut child: Child,
-        w: std::result::Result<Writer<BufWriter<ChildStdin>>, WireError>,
-        r: std::result::Result<Reader<BufReader<ChildStdout>>, WireError>,
-        target: &str,
-    ) -> Result<Link> {
-        match (w, r) {
-            (Ok(w), Ok(r)) => Ok(Link { child, w, r }),
-            (Err(e), _) | (_, Err(e)) => {
-                let (_, why) = stop(&mut child);
-                let why = if why.is_empty() {
-                    why
-                } else {
-                    format!("{why}; ")
-                };
-                Err(Error::Link(format!(
-                    "replica {target} unreachable: {why}{e}"
-                )))
+    /// Opens the stream to the receiver `child` runs: reads its banner and versions,
+    /// answers with the version both speak. `diagnose` says why it failed.
+    fn open(mut child: Child, diagnose: Diagnose<'_>) -> Result<Link> {
+        let stderr = Stderr::drain(child.stderr.take());
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(Error::Link("the receiver's pipes are missing".into()));
+        };
+        let stdin: Box<dyn Write + Send> = Box::new(stdin);
+        let stdout: Box<dyn Read + Send> = Box::new(stdout);
+        let mut w = BufWriter::with_capacity(1 << 20, stdin);
+        let mut r = BufReader::with_capacity(1 << 20, stdout);
+        let opened = match greeting::opening(&mut r) {
+            Ok(Opening::Speaks { min, max }) => greeting::choose(min, max)
+                .map_err(|e| Failure::Version(e.to_string()))
+                .and_then(|v| {
+                    greeting::answer(&mut w, v)
+                        .map(|()| v)
+                        .map_err(Failure::Stream)
+                }),
+            Ok(Opening::Noise(s)) => Err(Failure::Noise(s)),
+            Err(e) => Err(Failure::Stream(e)),
+        };
+        match opened {
+            Ok(v) => Ok(Link {
+                child,
+                stderr,
+                w: Writer::at(w, v),
+                r: Reader::at(r, v),
+            }),
+            Err(f) => {
+                drop(w);
+                let (code, lines) = stop(&mut child, &stderr);
+                Err(diagnose(code, &lines, f))
             }
         }
+    }
+
+    /// The protocol version the stream speaks.
+    pub fn version(&self) -> u32 {
+        self.w.version
     }
 
     /// Waits for a receiver that said goodbye.
@@ -55,12 +119,18 @@ impl Link {
         let _ = self.child.wait();
     }
 
+    /// The receiver's process id (ssh's, for an ssh target).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Ends a session that failed with `e`. A broken stream says little: then the
     /// receiver's own last words say why it stopped, and its exit code whether a retry
     /// can help (`Class::from_exit_code`).
     pub fn fail(mut self, e: Error) -> Error {
         drop(self.w);
-        let (code, why) = stop(&mut self.child);
+        let (code, lines) = stop(&mut self.child, &self.stderr);
+        let why = last_words(&lines);
         tracing::warn!("replication stream failed: {e} ({why})");
         match (&e, why.is_empty()) {
             (Error::Link(_) | Error::Hangup(_), false) => Error::Refused {
@@ -72,25 +142,74 @@ impl Link {
     }
 }
 
-/// Ends the receiver; its exit code and the last line it wrote to stderr.
-fn stop(child: &mut Child) -> (Option<i32>, String) {
-    let mut s = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        // The receiver exits after an error; give it a moment to say why.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = e.read_to_string(&mut s);
-    } else {
-        let _ = child.kill();
-    }
-    let code = child.wait().ok().and_then(|st| st.code());
-    let line = s.lines().last().unwrap_or("").trim();
-    let line = line
-        .strip_prefix("drfs receive: ")
+/// The receiver's last line, without its `drfs receive: ` prefix.
+fn last_words(lines: &[String]) -> String {
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("drfs receive: "))
+        .or_else(|| lines.last())
+        .map_or("", |l| l.trim());
+    line.strip_prefix("drfs receive: ")
         .unwrap_or(line)
-        .to_string();
-    (code, line)
+        .to_string()
+}
+
+/// The child's stderr, read by a thread of its own (so a talkative child never blocks on
+/// a full pipe): its last lines.
+struct Stderr {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl Stderr {
+    const KEEP: usize = 32;
+
+    fn drain(pipe: Option<ChildStderr>) -> Stderr {
+        let lines = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, done) = crossbeam_channel::bounded(1);
+        if let Some(pipe) = pipe {
+            let keep = lines.clone();
+            let spawned = std::thread::Builder::new()
+                .name("drfs-link-stderr".into())
+                .spawn(move || {
+                    for line in BufReader::new(pipe).split(b'\n').map_while(|l| l.ok()) {
+                        let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                        tracing::debug!("receiver: {line}");
+                        if let Ok(mut q) = keep.lock() {
+                            if q.len() == Self::KEEP {
+                                q.pop_front();
+                            }
+                            q.push_back(line);
+                        }
+                    }
+                    let _ = tx.send(());
+                });
+            if spawned.is_err() {
+                tracing::warn!("cannot start the thread that reads the receiver's stderr");
+            }
+        }
+        Stderr { lines, done }
+    }
+
+    /// The lines so far, once the pipe closed or `wait` passed.
+    fn lines(&self, wait: Duration) -> Vec<String> {
+        let _ = self.done.recv_timeout(wait);
+        self.lines
+            .lock()
+            .map(|q| q.iter().filter(|l| !l.is_empty()).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Ends the receiver; its exit code and its last lines on stderr.
+fn stop(child: &mut Child, stderr: &Stderr) -> (Option<i32>, Vec<String>) {
+    // The receiver exits after an error; give it a moment to say why.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let code = child.wait().ok().and_then(|st| st.code());
+    (code, stderr.lines(Duration::from_secs(1)))
 }

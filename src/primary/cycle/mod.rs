@@ -219,7 +219,7 @@ fn replication(tracker: &Tracker) -> Result<Replication> {
 
 fn cycle(tracker: &Tracker, st: &mut CycleState, opts: CycleOpts) -> Result<Outcome> {
     let rep = replication(tracker)?;
-    let mut link = transport::connect(&rep.target)?;
+    let mut link = transport::connect(&rep.target, &transport::Options::of(&rep))?;
     match exchange(tracker, st, &rep, &mut link, opts) {
         Ok(o) => {
             session::bye(link);

@@ -1,0 +1,348 @@
+//! Replication to another host over ssh, against a real OpenSSH server: the test starts
+//! Debian's `sshd` on 127.0.0.1 on a free port with its own host key, an `authorized_keys`
+//! whose keys carry the `drfs receive --restrict-to` command line README documents (and a
+//! few broken ones), a throwaway client key and known_hosts; it stops sshd by its pid at
+//! the end (a Drop guard) and removes everything it made.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::rep::same_tree;
+use common::*;
+
+/// A running sshd and the keys around it.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    /// Where restricted keys may keep replicas.
+    replicas: PathBuf,
+}
+
+fn keygen(path: &Path) -> String {
+    ok(Command::new(need("ssh-keygen"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "drfs-test", "-f"])
+        .arg(path));
+    std::fs::read_to_string(path.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Sshd {
+    fn start(root: &Path) -> Sshd {
+        let dir = root.join("sshd");
+        let replicas = root.join("replicas");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&replicas).unwrap();
+        // sshd's privilege separation needs it (the openssh-server unit makes it at boot).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let host = keygen(&dir.join("host_key"));
+        let good = keygen(&dir.join("id"));
+        let nobin = keygen(&dir.join("nobin"));
+        let noisy = keygen(&dir.join("noisy"));
+        keygen(&dir.join("wrong"));
+        let restricted = format!("{BIN} receive --restrict-to {}", replicas.display());
+        let keys = format!(
+            "command=\"{restricted}\",restrict {good}\n\
+             command=\"PATH=/nonexistent; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\",restrict {nobin}\n\
+             command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n"
+        );
+        std::fs::write(dir.join("authorized_keys"), keys).unwrap();
+        let port = free_port();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+             MaxStartups 100\nLogLevel VERBOSE\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("sshd_config"), cfg).unwrap();
+        let hk = host
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {hk}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("empty_known_hosts"), "").unwrap();
+        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+        let child = Command::new(need("sshd"))
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting sshd");
+        let s = Sshd {
+            child,
+            port,
+            dir,
+            replicas,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "sshd did not listen: {}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// The ssh client command with `key` and `known_hosts`, no user configuration.
+    fn client(&self, key: &str, known_hosts: &str) -> String {
+        format!(
+            "ssh -F /dev/null -i {d}/{key} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={d}/{known_hosts} -o GlobalKnownHostsFile=/dev/null",
+            d = self.dir.display()
+        )
+    }
+
+    fn target(&self, path: &Path) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.port, path.display())
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn protect(store: &Path, to: &str, ssh: &str) -> Output {
+    drfs()
+        .arg("protect")
+        .arg(store)
+        .args(["--to", to, "--interval", "manual", "--ssh-command", ssh])
+        .output()
+        .unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_store_replicates_to_another_host_over_ssh() {
+    let f = Fixture::new("ssh-round");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "mkdir -p {m}/vm1 && head -c 3000000 /dev/urandom > {m}/vm1/disk.img && truncate -s 64M {m}/vm1/sparse.img && echo hi > {m}/vm1/notes && ln -s disk.img {m}/vm1/link",
+        m = f.mnt.display()
+    ));
+    let client = sshd.client("id", "known_hosts");
+    let out = protect(&f.store, &sshd.target(&replica), &client);
+    assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
+    let shown = ok(drfs().arg("protect").arg(&f.store).arg("--show"));
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&sshd.target(&replica)), "{shown}");
+
+    let snaps = f.root.join("snaps");
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            sh(&format!(
+                "dd if=/dev/urandom of={m}/vm1/disk.img bs=64K count=3 seek={} conv=notrunc status=none && echo round{round} >> {m}/vm1/notes",
+                round * 7,
+                m = f.mnt.display()
+            ));
+        }
+        let out = drfs().arg("ship").arg(&f.store).output().unwrap();
+        assert!(out.status.success(), "ship: {out:?}\n{}", sshd.log());
+        // `drfs points` runs where the replica is (here: the far side is this host).
+        let pts = ok(drfs().arg("points").arg(&replica).arg("--json"));
+        let pts: serde_json::Value = serde_json::from_slice(&pts.stdout).unwrap();
+        let id = pts[0]["id"].as_str().unwrap().to_string();
+        let dst = snaps.join(&id);
+        std::fs::create_dir_all(&dst).unwrap();
+        sh(&format!(
+            "cd {} && tar --sparse --exclude=./.drfs -cf - . | tar -C {} -xpf -",
+            f.store.display(),
+            dst.display()
+        ));
+        ids.push(id);
+    }
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        let got = f.root.join(format!("restored-{id}"));
+        ok(drfs()
+            .arg("restore")
+            .arg(&replica)
+            .args(["--point", id, "--to"])
+            .arg(&got));
+        same_tree(&snaps.join(id), &got, &format!("point {id} over ssh"));
+    }
+    // Browse over the replica, on its host.
+    let b = f.mountpoint("browse");
+    ok(drfs().arg("browse").arg(&replica).arg(&b));
+    let first = std::fs::read(b.join("points").join(&ids[0]).join("vm1/notes")).unwrap();
+    assert_eq!(first, b"hi\n");
+    release(&b);
+
+    // The store's status names the ssh replica and the last cycle.
+    let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(st.contains(&sshd.target(&replica)), "{st}");
+    // Commands that read a replica say where they must run.
+    let t = sshd.target(&replica);
+    for args in [
+        vec!["points", t.as_str()],
+        vec!["status", t.as_str()],
+        vec!["restore", t.as_str(), "--point", "x", "--to", "/tmp/x"],
+    ] {
+        let out = drfs().args(&args).output().unwrap();
+        assert_eq!(code(&out), 64, "{args:?}: {out:?}");
+        fails(out, "is on another host: run this on 127.0.0.1 with");
+    }
+    f.unmount();
+}
+
+/// `drfs protect` to a fresh store through `client`: its exit code and one-line error.
+fn bind_fails(f: &Fixture, sshd: &Sshd, name: &str, client: &str, to: &str) -> (i32, String) {
+    let store = f.root.join(format!("store-{name}"));
+    std::fs::create_dir_all(&store).unwrap();
+    let out = protect(&store, to, client);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("{name}: exit {} {err}", code(&out));
+    let _ = sshd;
+    assert!(!out.status.success(), "{name}: protect succeeded");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{name}: not one line: {err:?}"
+    );
+    (code(&out), err)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "runs sshd: needs root (see README)")]
+fn each_way_an_ssh_link_fails_has_its_own_error_and_exit_code() {
+    let f = Fixture::new("ssh-errors");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("r");
+    std::fs::create_dir(&replica).unwrap();
+    let to = sshd.target(&replica);
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "hostkey",
+        &sshd.client("id", "empty_known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(
+        e.contains("host key of 127.0.0.1 is unknown or has changed"),
+        "{e}"
+    );
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "wrongkey",
+        &sshd.client("wrong", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("refused this host's ssh key"), "{e}");
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "nobin",
+        &sshd.client("nobin", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("drfs is not installed on 127.0.0.1"), "{e}");
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "noisy",
+        &sshd.client("noisy", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(
+        e.contains("\"Welcome to the backup host\" instead of drfs's banner"),
+        "{e}"
+    );
+
+    // The restricted key serves nothing outside its directory.
+    let outside = f.root.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "outside",
+        &sshd.client("id", "known_hosts"),
+        &sshd.target(&outside),
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("is not a directory under"), "{e}");
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+
+    // Nothing listening: the network, worth a retry.
+    let dead = format!("ssh://root@127.0.0.1:{}{}", free_port(), replica.display());
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "network",
+        &sshd.client("id", "known_hosts"),
+        &dead,
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains("cannot reach 127.0.0.1"), "{e}");
+
+    // DRFS_SSH_COMMAND overrides the kept command: a good key through the environment.
+    let store = f.root.join("store-env");
+    std::fs::create_dir_all(&store).unwrap();
+    let out = drfs()
+        .arg("protect")
+        .arg(&store)
+        .args([
+            "--to",
+            &to,
+            "--interval",
+            "manual",
+            "--ssh-command",
+            "false",
+        ])
+        .env("DRFS_SSH_COMMAND", sshd.client("id", "known_hosts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", sshd.log());
+    assert!(replica.join(".drfs").is_dir());
+}
