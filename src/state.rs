@@ -70,6 +70,10 @@ pub struct Replication {
     /// For an ssh:// replica: the ssh client command (`--ssh-command`), none for `ssh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_command: Option<String>,
+    /// How the stream is compressed (`--compress`); none: the target's default (zstd
+    /// over ssh, none locally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<crate::model::settings::Compress>,
     /// Cycles are paused (`drfs pause`): changes are tracked, nothing ships.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Pause>,

@@ -158,7 +158,7 @@ fn a_store_replicates_to_another_host_over_ssh() {
     std::fs::create_dir(&replica).unwrap();
     f.mount(&[]);
     sh(&format!(
-        "mkdir -p {m}/vm1 && head -c 3000000 /dev/urandom > {m}/vm1/disk.img && truncate -s 64M {m}/vm1/sparse.img && echo hi > {m}/vm1/notes && ln -s disk.img {m}/vm1/link",
+        "mkdir -p {m}/vm1 && head -c 3000000 /dev/urandom > {m}/vm1/disk.img && truncate -s 64M {m}/vm1/sparse.img && echo hi > {m}/vm1/notes && ln -s disk.img {m}/vm1/link && seq 1 400000 > {m}/vm1/log.txt",
         m = f.mnt.display()
     ));
     let client = sshd.client("id", "known_hosts");
@@ -180,6 +180,25 @@ fn a_store_replicates_to_another_host_over_ssh() {
         }
         let out = drfs().arg("ship").arg(&f.store).output().unwrap();
         assert!(out.status.success(), "ship: {out:?}\n{}", sshd.log());
+        eprintln!(
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        if round == 0 {
+            // zstd by default over ssh: the text file shrinks, the random one does not.
+            let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+            let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+            let c = &st["last_cycle"];
+            let (raw, wire) = (
+                c["bytes"].as_u64().unwrap(),
+                c["wire_bytes"].as_u64().unwrap(),
+            );
+            eprintln!("first cycle: {raw} bytes, {wire} on the wire");
+            assert!(wire > 0 && wire < raw * 9 / 10, "{c}");
+            let text = ok(drfs().arg("status").arg(&f.store));
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(text.contains("on the wire"), "{text}");
+        }
         // `drfs points` runs where the replica is (here: the far side is this host).
         let pts = ok(drfs().arg("points").arg(&replica).arg("--json"));
         let pts: serde_json::Value = serde_json::from_slice(&pts.stdout).unwrap();

@@ -90,8 +90,12 @@ pub enum Cmd {
         /// DRFS_SSH_COMMAND environment variable overrides it. '' goes back to ssh.
         #[arg(long, value_name = "COMMAND")]
         ssh_command: Option<String>,
+        /// Compression of the stream: none, zstd (level 3) or zstd:LEVEL (-7..19); BLAKE3
+        /// stays over the uncompressed data. `default`: zstd over ssh, none locally.
+        #[arg(long, value_name = "CODEC")]
+        compress: Option<String>,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "ssh_command"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "ssh_command", "compress"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).

@@ -68,11 +68,11 @@ pub fn store(s: &StoreStatus) -> String {
     o += &format!("pending   {}\n", human(s.pending_bytes));
     if let Some(c) = &s.last_cycle {
         let line = format!(
-            "{} at {}: {} ms, {} sent, cut pause {} us{}",
+            "{} at {}: {} ms, {}, cut pause {} us{}",
             if c.ok { "cycle" } else { "failed cycle" },
             c.time,
             c.duration_ms,
-            human(c.bytes),
+            crate::model::fmt::sent(c.bytes, c.wire_bytes),
             c.pause_us,
             // Said once: a reason above may already be this error.
             c.error
@@ -206,9 +206,9 @@ pub fn points_json(points: &[PointInfo]) -> serde_json::Value {
 pub fn ship(r: &ShipReply) {
     if r.code == 0 {
         println!(
-            "{}: {} sent in {} ms, cut pause {} us",
+            "{}: {} in {} ms, cut pause {} us",
             r.message,
-            human(r.bytes),
+            crate::model::fmt::sent(r.bytes, r.wire_bytes),
             r.duration_ms,
             r.pause_us
         );

@@ -76,6 +76,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             seed,
             rebind,
             ssh_command,
+            compress,
             show,
         } => {
             let store = behind(&store);
@@ -92,6 +93,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 seed,
                 rebind,
                 ssh_command: ssh_command.as_deref(),
+                compress: compress.as_deref(),
             };
             settings(&store, ops::protect::protect(&store, &p)?)
         }

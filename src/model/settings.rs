@@ -116,6 +116,74 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size too large: {s}"))
 }
 
+/// The zstd level `--compress zstd` (and an ssh target by default) means.
+pub const DEFAULT_LEVEL: i32 = 1;
+
+/// `--compress`: how the sender's half of a stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    None,
+    Zstd(i32),
+}
+
+impl Compress {
+    /// The codec byte of the sender's greeting.
+    pub fn code(self) -> u8 {
+        match self {
+            Compress::None => 0,
+            Compress::Zstd(_) => 1,
+        }
+    }
+}
+
+impl FromStr for Compress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Compress, String> {
+        let bad = || {
+            format!(
+                "--compress {s:?}: expected none, zstd or zstd:LEVEL (1..19, or -7..-1 for the fastest)"
+            )
+        };
+        match s.split_once(':') {
+            None if s == "none" => Ok(Compress::None),
+            None if s == "zstd" => Ok(Compress::Zstd(DEFAULT_LEVEL)),
+            Some(("zstd", l)) => {
+                let l: i32 = l.parse().map_err(|_| bad())?;
+                if (-7..=19).contains(&l) && l != 0 {
+                    Ok(Compress::Zstd(l))
+                } else {
+                    Err(bad())
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Compress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compress::None => f.write_str("none"),
+            Compress::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+impl Serialize for Compress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Compress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +202,19 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn compress_settings_parse_and_print_back() {
+        for s in ["none", "zstd:3", "zstd:1", "zstd:-5", "zstd:19"] {
+            assert_eq!(s.parse::<Compress>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "zstd".parse::<Compress>(),
+            Ok(Compress::Zstd(DEFAULT_LEVEL))
+        );
+        for bad in ["zstd:0", "zstd:20", "gzip", "zstd:x", ""] {
+            assert!(bad.parse::<Compress>().is_err(), "{bad}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_ns;
 use crate::model::retention::{self, Policy};
+use crate::model::settings::Compress;
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
 use crate::state::{Config, Pause, Replication, StateDir};
@@ -31,6 +32,8 @@ pub struct Protect<'a> {
     pub rebind: bool,
     /// The ssh client command for an ssh:// replica (`Some("")`: back to `ssh`).
     pub ssh_command: Option<&'a str>,
+    /// `--compress`: none, zstd or zstd:LEVEL (`Some("default")`: the target's default).
+    pub compress: Option<&'a str>,
 }
 
 /// The interval a first `protect` takes when none is given.
@@ -141,6 +144,12 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, Some(r)) => r.ssh_command.clone(),
         (None, None) => None,
     };
+    let compress: Option<Compress> = match (p.compress, &old) {
+        (Some("default"), _) => None,
+        (Some(c), _) => Some(c.parse().map_err(Error::Invalid)?),
+        (None, Some(r)) => r.compress,
+        (None, None) => None,
+    };
     let (sd, mut cfg) = StateDir::open_or_init(sd.store(), None)?;
     // The replica learns its store, and its retention policy, when it is bound.
     let bind = old.is_none() || moved || p.to.is_some() || p.keep.is_some();
@@ -153,6 +162,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         };
         let o = crate::transport::Options {
             ssh_command: ssh_command.clone(),
+            compress: Compress::None,
         };
         session::bind(&target, &o, &hello)?
     } else {
@@ -168,6 +178,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         replica_id,
         expect_every,
         ssh_command,
+        compress,
         paused: old.as_ref().and_then(|r| r.paused.clone()),
     };
     let what = changes(old.as_ref(), &rep);
@@ -243,11 +254,22 @@ fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
     diff("keep", old.keep.clone(), new.keep.clone());
     diff("group", old.group.to_string(), new.group.to_string());
     diff(
+        "compression",
+        compress_of(old).to_string(),
+        compress_of(new).to_string(),
+    );
+    diff(
         "ssh command",
         old.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
         new.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
     );
     out
+}
+
+/// The compression in force.
+pub fn compress_of(r: &Replication) -> Compress {
+    r.compress
+        .unwrap_or_else(|| crate::transport::default_compress(&r.target))
 }
 
 /// "every 30s", "manually (drfs ship; expected every 15m)".

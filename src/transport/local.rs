@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
 use crate::transport::{Failure, Link};
+use crate::wire::compress::Compress;
 
 fn grow_pipe(fd: i32) {
     // Bigger pipes keep a fast local receiver busy; failure only costs speed.
@@ -15,7 +16,7 @@ fn grow_pipe(fd: i32) {
 }
 
 /// Starts the receiver for the replica directory `target` and opens the stream.
-pub fn connect(target: &Path) -> Result<Link> {
+pub fn connect(target: &Path, compress: Compress) -> Result<Link> {
     let mut cmd = match std::env::var("DRFS_RECEIVE") {
         Ok(prefix) if !prefix.trim().is_empty() => {
             let mut words = prefix.split_whitespace();
@@ -47,7 +48,9 @@ pub fn connect(target: &Path) -> Result<Link> {
         grow_pipe(o.as_raw_fd());
     }
     let what = target.display().to_string();
-    Link::open(child, &|code, lines, f| diagnose(&what, code, lines, f))
+    Link::open(child, compress, &|code, lines, f| {
+        diagnose(&what, code, lines, f)
+    })
 }
 
 /// Why a local receiver's stream did not open.

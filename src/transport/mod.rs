@@ -10,20 +10,24 @@ pub mod ssh;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::process::{Child, ChildStderr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Class, Error, Result};
 use crate::model::Target;
+use crate::wire::compress::{self, Compress, Counted};
 use crate::wire::greeting::{self, Opening};
 use crate::wire::{Reader, WireError, Writer};
 
 /// How a store reaches its replica, beyond the target itself (kept in `state.toml`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// The ssh client command for `ssh://` targets (`--ssh-command`); the environment
     /// variable `DRFS_SSH_COMMAND` overrides it.
     pub ssh_command: Option<String>,
+    /// How the stream to the receiver is compressed.
+    pub compress: Compress,
 }
 
 impl Options {
@@ -31,6 +35,9 @@ impl Options {
     pub fn of(rep: &crate::state::Replication) -> Options {
         Options {
             ssh_command: rep.ssh_command.clone(),
+            compress: rep
+                .compress
+                .unwrap_or_else(|| default_compress(&rep.target)),
         }
     }
 }
@@ -42,14 +49,25 @@ pub type LinkReader = Reader<BufReader<Box<dyn Read + Send>>>;
 pub struct Link {
     child: Child,
     stderr: Stderr,
+    wire: Arc<AtomicU64>,
+    compress: Compress,
     pub w: LinkWriter,
     pub r: LinkReader,
+}
+
+/// The compression a target gets unless `--compress` says otherwise: zstd at its default
+/// level over ssh, none to a local directory (the pipe is faster than the compressor).
+pub fn default_compress(target: &Target) -> Compress {
+    match target {
+        Target::Local(_) => Compress::None,
+        _ => Compress::Zstd(crate::model::settings::DEFAULT_LEVEL),
+    }
 }
 
 /// Connects to the receiver of `target`.
 pub fn connect(target: &Target, o: &Options) -> Result<Link> {
     match target {
-        Target::Local(dir) => local::connect(dir),
+        Target::Local(dir) => local::connect(dir, o.compress),
         Target::Ssh { .. } => ssh::connect(target, o),
         Target::S3 { .. } => Err(Error::Invalid(target.local().err().unwrap_or_default())),
     }
@@ -73,39 +91,64 @@ pub enum Failure {
 impl Link {
     /// Opens the stream to the receiver `child` runs: reads its banner and versions,
     /// answers with the version both speak. `diagnose` says why it failed.
-    fn open(mut child: Child, diagnose: Diagnose<'_>) -> Result<Link> {
+    fn open(mut child: Child, compress: Compress, diagnose: Diagnose<'_>) -> Result<Link> {
         let stderr = Stderr::drain(child.stderr.take());
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(Error::Link("the receiver's pipes are missing".into()));
         };
-        let stdin: Box<dyn Write + Send> = Box::new(stdin);
+        let mut out = Counted::new(stdin);
+        let wire = out.count.clone();
         let stdout: Box<dyn Read + Send> = Box::new(stdout);
-        let mut w = BufWriter::with_capacity(1 << 20, stdin);
         let mut r = BufReader::with_capacity(1 << 20, stdout);
         let opened = match greeting::opening(&mut r) {
             Ok(Opening::Speaks { min, max }) => greeting::choose(min, max)
                 .map_err(|e| Failure::Version(e.to_string()))
                 .and_then(|v| {
-                    greeting::answer(&mut w, v)
-                        .map(|()| v)
+                    // Protocol 1 has no codec: such a receiver gets the stream plain.
+                    let c = if v >= 2 { compress } else { Compress::None };
+                    greeting::answer(&mut out, v, c.code())
+                        .map(|()| (v, c))
                         .map_err(Failure::Stream)
                 }),
             Ok(Opening::Noise(s)) => Err(Failure::Noise(s)),
             Err(e) => Err(Failure::Stream(e)),
         };
-        match opened {
-            Ok(v) => Ok(Link {
-                child,
-                stderr,
-                w: Writer::at(w, v),
-                r: Reader::at(r, v),
-            }),
+        let (v, c) = match opened {
+            Ok(vc) => vc,
             Err(f) => {
-                drop(w);
+                drop(out);
                 let (code, lines) = stop(&mut child, &stderr);
-                Err(diagnose(code, &lines, f))
+                return Err(diagnose(code, &lines, f));
             }
+        };
+        if c != compress {
+            tracing::warn!(
+                "the receiver speaks protocol {v}, which has no compression: sending plain"
+            );
         }
+        let w: Box<dyn Write + Send> = match c {
+            Compress::None => Box::new(out),
+            Compress::Zstd(level) => compress::encoder(out, level)
+                .map_err(|e| Error::Link(format!("starting zstd: {e}")))?,
+        };
+        Ok(Link {
+            child,
+            stderr,
+            wire,
+            compress: c,
+            w: Writer::at(BufWriter::with_capacity(1 << 20, w), v),
+            r: Reader::at(r, v),
+        })
+    }
+
+    /// The bytes sent on the wire so far (after compression).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How the sender's half is compressed.
+    pub fn compress(&self) -> Compress {
+        self.compress
     }
 
     /// The protocol version the stream speaks.

@@ -3,8 +3,9 @@
 //! the day or a wrong forced command in `authorized_keys` is recognised as what it is
 //! instead of as a garbled stream, then `DRFSWIRE` and the newest and oldest protocol
 //! versions it speaks (u32 each, little-endian). The sender picks the newest version both
-//! speak and answers `DRFSWIRE` + that version; a sender and a receiver with no version in
-//! common refuse clearly, saying which versions each speaks.
+//! speak and answers `DRFSWIRE` + that version (+ from version 2 a codec byte: 0 plain, 1
+//! the rest of the sender's half is one zstd stream, `wire::compress`); a sender and a
+//! receiver with no version in common refuse clearly, saying which versions each speaks.
 //!
 //! A receiver older than the banner (drfs before protocol 2) opens with `DRFSWIRE` and
 //! version 1 and reads the sender's greeting at once; a sender talks to it at version 1.
@@ -93,16 +94,21 @@ pub fn choose(min: u32, max: u32) -> Result<u32> {
     Ok(v)
 }
 
-/// The sender's answer: the version chosen.
-pub fn answer<W: Write>(w: &mut W, version: u32) -> Result<()> {
+/// The sender's answer: the version chosen, and (from version 2) the codec of the rest of
+/// its half of the stream (`Compress::code`).
+pub fn answer<W: Write>(w: &mut W, version: u32, codec: u8) -> Result<()> {
     w.write_all(MAGIC)?;
     w.write_all(&version.to_le_bytes())?;
+    if version >= 2 {
+        w.write_all(&[codec])?;
+    }
     w.flush()?;
     Ok(())
 }
 
-/// The receiver's side: the version the sender chose, if this drfs speaks it.
-pub fn chosen<R: Read>(r: &mut R) -> Result<u32> {
+/// The receiver's side: the version the sender chose, if this drfs speaks it, and the
+/// codec of the rest of the sender's half.
+pub fn chosen<R: Read>(r: &mut R) -> Result<(u32, u8)> {
     let mut head = [0u8; 12];
     read_exact(r, &mut head)?;
     if &head[..8] != MAGIC {
@@ -114,7 +120,14 @@ pub fn chosen<R: Read>(r: &mut R) -> Result<u32> {
             "the sender speaks protocol version {v}, this receiver {MIN_VERSION} to {VERSION}: install the same drfs release on both hosts"
         )));
     }
-    Ok(v)
+    let mut codec = [0u8; 1];
+    if v >= 2 {
+        read_exact(r, &mut codec)?;
+        if codec[0] > 1 {
+            return Err(corrupt(format!("unknown codec {}", codec[0])));
+        }
+    }
+    Ok((v, codec[0]))
 }
 
 /// The sender's whole greeting over `w` and `r`: the streams at the version agreed (for
@@ -127,7 +140,7 @@ pub fn open<W: Write, R: Read>(
         Opening::Speaks { min, max } => choose(min, max)?,
         Opening::Noise(n) => return Err(corrupt(format!("{n:?} instead of drfs's banner"))),
     };
-    answer(&mut w, v)?;
+    answer(&mut w, v, 0)?;
     Ok((crate::wire::Writer::at(w, v), crate::wire::Reader::at(r, v)))
 }
 
@@ -162,11 +175,15 @@ mod tests {
         assert!(e.contains("install the same drfs release"), "{e}");
         // And a sender's choice this receiver does not speak.
         let mut b = Vec::new();
-        answer(&mut b, VERSION + 1).unwrap();
+        answer(&mut b, VERSION + 1, 0).unwrap();
         assert!(chosen(&mut &b[..]).is_err());
         let mut b = Vec::new();
-        answer(&mut b, 1).unwrap();
-        assert_eq!(chosen(&mut &b[..]).unwrap(), 1);
+        answer(&mut b, 1, 1).unwrap();
+        assert_eq!(b.len(), 12, "version 1 has no codec byte");
+        assert_eq!(chosen(&mut &b[..]).unwrap(), (1, 0));
+        let mut b = Vec::new();
+        answer(&mut b, 2, 1).unwrap();
+        assert_eq!(chosen(&mut &b[..]).unwrap(), (2, 1));
     }
 
     #[test]

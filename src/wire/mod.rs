@@ -12,6 +12,7 @@
 //! - 3 `Hashes`: file id u64, first block u64, count u32, then per block 1 byte tag
 //!   (0 absent, 1 zero, 2 data) and, for data, 32 bytes of BLAKE3.
 
+pub mod compress;
 pub mod greeting;
 
 use std::io::{self, Read, Write};
@@ -21,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::{FileId, Manifest, PointRef, RelPath};
 
 pub const MAGIC: &[u8; 8] = b"DRFSWIRE";
-/// The newest protocol version this drfs speaks.
-pub const VERSION: u32 = 1;
+/// The newest protocol version this drfs speaks: 2 adds the codec byte (compression).
+pub const VERSION: u32 = 2;
 /// The oldest protocol version this drfs speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The largest frame: a 16 MiB block plus its header.
@@ -164,10 +165,10 @@ impl<W: Write> Writer<W> {
     /// A sender's stream at the newest version, for a receiver known to speak it: the
     /// sender's greeting (`greeting::answer`) first.
     pub fn new(mut w: W) -> Result<Self> {
-        greeting::answer(&mut w, VERSION)?;
+        greeting::answer(&mut w, VERSION, 0)?;
         Ok(Writer {
             w,
-            bytes: 12,
+            bytes: 13,
             version: VERSION,
         })
     }
@@ -264,12 +265,12 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl<R: Read> Reader<R> {
-    /// The receiver's side: reads the sender's greeting, the version it chose.
+    /// Reads a plain sender's greeting (for tests of the frames).
     pub fn new(mut r: R) -> Result<Self> {
-        let version = greeting::chosen(&mut r)?;
+        let (version, _) = greeting::chosen(&mut r)?;
         Ok(Reader {
             r,
-            bytes: 12,
+            bytes: 13,
             version,
         })
     }
@@ -452,7 +453,7 @@ mod tests {
         }
         assert!(matches!(r.read_frame(), Err(WireError::Closed)));
         // Flip one byte anywhere after the magic: the stream is rejected, never misread.
-        for i in 12..buf.len() {
+        for i in 13..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x20;
             let mut r = Reader::new(&bad[..]).unwrap();

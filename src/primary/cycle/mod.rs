@@ -44,6 +44,9 @@ pub struct LastCycle {
     pub ok: bool,
     pub duration_ms: u64,
     pub bytes: u64,
+    /// The bytes on the wire, after compression (0 in records from before it).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub data_bytes: u64,
     pub pause_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +122,8 @@ pub struct Outcome {
     pub point: Option<String>,
     pub stats: Stats,
     pub bytes: u64,
+    /// The bytes on the wire, after compression.
+    pub wire_bytes: u64,
     pub pause_us: u64,
     pub duration_ms: u64,
 }
@@ -165,6 +170,7 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
         ok: outcome.ok,
         duration_ms,
         bytes: outcome.bytes,
+        wire_bytes: outcome.wire_bytes,
         data_bytes: outcome.stats.data_bytes,
         pause_us: outcome.pause_us,
         point: outcome.point.clone(),
@@ -185,6 +191,7 @@ fn failed(e: Error, started: Instant) -> Outcome {
         point: None,
         stats: Stats::default(),
         bytes: 0,
+        wire_bytes: 0,
         pause_us: 0,
         duration_ms: started.elapsed().as_millis() as u64,
     }
@@ -327,6 +334,10 @@ fn exchange(
         point: Some(point.id),
         stats,
         bytes: link.w.bytes,
+        wire_bytes: {
+            let _ = link.w.flush();
+            link.wire_bytes()
+        },
         pause_us,
         duration_ms: 0,
     })
