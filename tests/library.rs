@@ -204,6 +204,7 @@ fn ship(
         entries: tree.entries(),
     };
     let cycle = Cycle {
+        resume: false,
         generation,
         base,
         cut_id: &manifest.cut_id.clone(),
@@ -370,6 +371,7 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
         entries: t.entries(),
     };
     let cycle = Cycle {
+        resume: false,
         generation: 9,
         base: Some(7),
         cut_id: "x",

@@ -365,3 +365,152 @@ fn each_way_an_ssh_link_fails_has_its_own_error_and_exit_code() {
     assert!(out.status.success(), "{out:?}\n{}", sshd.log());
     assert!(replica.join(".drfs").is_dir());
 }
+
+/// Bytes allocated to the blocks `drfs receive` staged in `replica` (its `incoming/`).
+fn staged(replica: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(replica.join(".drfs/incoming"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".data"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The ssh client processes talking to `port` (started by the store's daemon).
+fn ssh_clients(port: u16) -> Vec<i32> {
+    let port = port.to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_ssh = args.first().is_some_and(|a| a == "ssh")
+            && args.windows(2).any(|w| w[0] == "-p" && w[1] == port)
+            && args.iter().any(|a| a.starts_with("drfs receive"));
+        if is_ssh {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_link_killed_mid_cycle_resumes_without_resending_what_was_staged() {
+    const MIB: u64 = 1 << 20;
+    const CHANGED: u64 = 384 * MIB;
+    let f = Fixture::new("ssh-drop");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s {CHANGED} {}",
+        f.m("disk.img").display()
+    ));
+    // Plain, so what travels is what is staged.
+    let client = sshd.client("id", "known_hosts");
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--to", &sshd.target(&replica), "--interval", "manual"])
+        .args(["--ssh-command", &client, "--compress", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ok(drfs().arg("ship").arg(&f.store));
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count={} conv=notrunc,fsync status=none",
+        f.m("disk.img").display(),
+        CHANGED / MIB
+    ));
+
+    // A cycle of 384 MiB of changed blocks; its ssh is killed once 48 MiB are staged.
+    let mut ship = drfs()
+        .arg("ship")
+        .arg(&f.store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(120);
+    let mut killed = Vec::new();
+    while killed.is_empty() {
+        assert!(Instant::now() < end, "the cycle never staged 48 MiB");
+        assert!(
+            ship.try_wait().unwrap().is_none(),
+            "the cycle ended before the link could be cut"
+        );
+        if staged(&replica) >= 48 * MIB {
+            for pid in ssh_clients(sshd.port) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed.push(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = ship.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the cut cycle: exit {}: {}", code(&out), err.trim());
+    assert_eq!(code(&out), 1, "a dropped link is worth a retry: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    // The receiver ends when its stdin closes; wait until it let go of the replica.
+    let lock = std::fs::File::open(&replica).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        assert!(Instant::now() < end, "the far receiver did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(lock);
+    let kept = staged(&replica);
+
+    let out = ok(drfs().arg("ship").arg(&f.store));
+    let cycle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.store.join(".drfs/cycle.json")).unwrap()).unwrap();
+    let sent = cycle["last"]["data_bytes"].as_u64().unwrap();
+    let resent = sent.saturating_sub(CHANGED - kept.min(CHANGED));
+    eprintln!(
+        "link cut (ssh pid {killed:?}): changed {} MiB; staged on the replica when it dropped {:.1} MiB; the next cycle sent {:.1} MiB of data: {:.2} MiB ({resent} bytes) resent\n{}",
+        CHANGED / MIB,
+        kept as f64 / MIB as f64,
+        sent as f64 / MIB as f64,
+        resent as f64 / MIB as f64,
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(kept >= 48 * MIB, "only {kept} bytes kept staged");
+    // At most what was in flight: the pipes, and the last 64 blocks' index records.
+    assert!(resent <= 16 * MIB, "{resent} bytes resent");
+    // And the point is the primary's file, exactly.
+    let pts = ok(drfs().arg("points").arg(&replica).arg("--json"));
+    let pts: serde_json::Value = serde_json::from_slice(&pts.stdout).unwrap();
+    let id = pts[0]["id"].as_str().unwrap();
+    let got = f.root.join("restored");
+    ok(drfs()
+        .arg("restore")
+        .arg(&replica)
+        .args(["--point", id, "--to"])
+        .arg(&got));
+    sh(&format!(
+        "cmp {} {}",
+        f.s("disk.img").display(),
+        got.join("disk.img").display()
+    ));
+    f.unmount();
+}

@@ -271,7 +271,7 @@ fn exchange(
             st.point = Some(l.id.clone());
         }
     }
-    st.in_flight = None;
+    let broke_off = st.in_flight.take().map(|f| f.generation);
     let theirs = w.latest.as_ref().map(|l| l.generation);
     if theirs != st.generation && !opts.resync {
         return Err(crate::ship::refused(
@@ -311,6 +311,8 @@ fn exchange(
         base: theirs,
         cut_id: &cut_id,
         resync,
+        // The receiver keeps what an attempt of the same generation staged.
+        resume: broke_off == Some(generation),
     };
     let source = source::CutSource::new(&cut);
     let r = session::send(
