@@ -74,6 +74,9 @@ pub struct Replication {
     /// over ssh, none locally).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<crate::model::settings::Compress>,
+    /// The cap on bytes per second on the wire (`--bwlimit`), none: uncapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<crate::model::settings::BwLimit>,
     /// Cycles are paused (`drfs pause`): changes are tracked, nothing ships.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Pause>,

@@ -514,3 +514,108 @@ fn a_link_killed_mid_cycle_resumes_without_resending_what_was_staged() {
     ));
     f.unmount();
 }
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_bandwidth_cap_holds_over_ten_second_windows_and_status_says_when_cycles_overrun() {
+    const MIB: u64 = 1 << 20;
+    const RATE: u64 = 6 * MIB;
+    const CHANGED: u64 = 150 * MIB;
+    let f = Fixture::new("ssh-bwlimit");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s {CHANGED} {}",
+        f.m("disk.img").display()
+    ));
+    let client = sshd.client("id", "known_hosts");
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--to", &sshd.target(&replica), "--interval", "manual"])
+        .args(["--expect-every", "10s", "--ssh-command", &client])
+        .args(["--compress", "none", "--bwlimit", "6M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ok(drfs().arg("ship").arg(&f.store));
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count={} conv=notrunc,fsync status=none",
+        f.m("disk.img").display(),
+        CHANGED / MIB
+    ));
+    let t0 = Instant::now();
+    let mut ship = drfs()
+        .arg("ship")
+        .arg(&f.store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What arrived, every 250 ms, as the receiver staged it.
+    let mut samples = Vec::new();
+    while ship.try_wait().unwrap().is_none() {
+        samples.push((t0.elapsed().as_secs_f64(), staged(&replica)));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = ship.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let took = t0.elapsed().as_secs_f64();
+    // Every 10 s window between the first MiB and the last 2 MiB (pipes filling and
+    // draining), one second apart.
+    let busy: Vec<(f64, u64)> = samples
+        .iter()
+        .copied()
+        .filter(|&(_, b)| b > MIB && b < CHANGED - 2 * MIB)
+        .collect();
+    let mut rates = Vec::new();
+    for &(t, b) in &busy {
+        if let Some(&(t2, b2)) = busy.iter().find(|(t2, _)| *t2 >= t + 10.0) {
+            if rates.len() < 100
+                && (rates.is_empty() || t >= rates.last().map_or(0.0, |r: &(f64, f64)| r.0) + 1.0)
+            {
+                rates.push((t, (b2 - b) as f64 / (t2 - t)));
+            }
+        }
+    }
+    let dev: Vec<f64> = rates
+        .iter()
+        .map(|r| (r.1 / RATE as f64 - 1.0) * 100.0)
+        .collect();
+    let worst = dev.iter().fold(0.0f64, |a, d| a.max(d.abs()));
+    eprintln!(
+        "--bwlimit 6M (6 MiB/s): {} MiB in {took:.1} s = {:.3} MiB/s overall; {} windows of 10 s: {}; worst {worst:.1} %",
+        CHANGED / MIB,
+        CHANGED as f64 / MIB as f64 / took,
+        rates.len(),
+        rates
+            .iter()
+            .zip(&dev)
+            .map(|((t, r), d)| format!("{t:.0}s {:.2} MiB/s ({d:+.1} %)", r / MIB as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(rates.len() >= 5, "too few windows: {samples:?}");
+    // Reported precisely above; asserted generously (the machine is shared).
+    assert!(worst < 30.0, "a 10 s window off by {worst:.1} %");
+    let overall = CHANGED as f64 / took / RATE as f64;
+    assert!(overall < 1.1, "the cap did not hold: {overall:.2} of it");
+
+    // The cycle took longer than the expected cadence: status says so, at the cap.
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=12 conv=notrunc,fsync status=none",
+        f.m("disk.img").display()
+    ));
+    let st = ok(drfs().arg("status").arg(&f.store));
+    let text = String::from_utf8_lossy(&st.stdout);
+    eprintln!("{text}");
+    assert!(text.contains("at 6.0 MiB/s; interval 10 s"), "{text}");
+    assert!(text.contains("at the cap of 6.0 MiB/s"), "{text}");
+    let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let eta = st["eta_at_cap_s"].as_f64().unwrap();
+    assert!((eta - 2.0).abs() < 0.1, "{st}");
+    f.unmount();
+}

@@ -94,8 +94,12 @@ pub enum Cmd {
         /// stays over the uncompressed data. `default`: zstd over ssh, none locally.
         #[arg(long, value_name = "CODEC")]
         compress: Option<String>,
+        /// Cap the bytes per second on the wire, e.g. 10M, or by local time of day:
+        /// 08:00-18:00=5M,20M (5M in the window, 20M otherwise; 0 uncapped). `none`: no cap.
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "ssh_command", "compress"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "ssh_command", "compress", "bwlimit"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).

@@ -65,7 +65,15 @@ pub fn store(s: &StoreStatus) -> String {
             crate::obs::status::age(s.rpo_lag_s.unwrap_or(0.0))
         );
     }
-    o += &format!("pending   {}\n", human(s.pending_bytes));
+    o += &format!("pending   {}", human(s.pending_bytes));
+    if let (Some(r), Some(eta)) = (s.bwlimit_bps, s.eta_at_cap_s) {
+        o += &format!(
+            " (ETA {} at the cap of {}/s)",
+            crate::obs::status::age(eta),
+            human(r)
+        );
+    }
+    o += "\n";
     if let Some(c) = &s.last_cycle {
         let line = format!(
             "{} at {}: {} ms, {}, cut pause {} us{}",

@@ -77,6 +77,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             rebind,
             ssh_command,
             compress,
+            bwlimit,
             show,
         } => {
             let store = behind(&store);
@@ -94,6 +95,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 rebind,
                 ssh_command: ssh_command.as_deref(),
                 compress: compress.as_deref(),
+                bwlimit: bwlimit.as_deref(),
             };
             settings(&store, ops::protect::protect(&store, &p)?)
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_ns;
 use crate::model::retention::{self, Policy};
-use crate::model::settings::Compress;
+use crate::model::settings::{BwLimit, Compress};
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
 use crate::state::{Config, Pause, Replication, StateDir};
@@ -34,6 +34,8 @@ pub struct Protect<'a> {
     pub ssh_command: Option<&'a str>,
     /// `--compress`: none, zstd or zstd:LEVEL (`Some("default")`: the target's default).
     pub compress: Option<&'a str>,
+    /// `--bwlimit`: RATE or HH:MM-HH:MM=RATE,...,RATE (`Some("none")`: uncapped).
+    pub bwlimit: Option<&'a str>,
 }
 
 /// The interval a first `protect` takes when none is given.
@@ -150,6 +152,12 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, Some(r)) => r.compress,
         (None, None) => None,
     };
+    let bwlimit: Option<BwLimit> = match (p.bwlimit, &old) {
+        (Some("none"), _) => None,
+        (Some(b), _) => Some(b.parse().map_err(Error::Invalid)?),
+        (None, Some(r)) => r.bwlimit.clone(),
+        (None, None) => None,
+    };
     let (sd, mut cfg) = StateDir::open_or_init(sd.store(), None)?;
     // The replica learns its store, and its retention policy, when it is bound.
     let bind = old.is_none() || moved || p.to.is_some() || p.keep.is_some();
@@ -163,6 +171,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         let o = crate::transport::Options {
             ssh_command: ssh_command.clone(),
             compress: Compress::None,
+            bwlimit: None,
         };
         session::bind(&target, &o, &hello)?
     } else {
@@ -179,6 +188,7 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         expect_every,
         ssh_command,
         compress,
+        bwlimit,
         paused: old.as_ref().and_then(|r| r.paused.clone()),
     };
     let what = changes(old.as_ref(), &rep);
@@ -253,6 +263,15 @@ fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
     );
     diff("keep", old.keep.clone(), new.keep.clone());
     diff("group", old.group.to_string(), new.group.to_string());
+    diff(
+        "bandwidth cap",
+        old.bwlimit
+            .as_ref()
+            .map_or("none".into(), |b| b.to_string()),
+        new.bwlimit
+            .as_ref()
+            .map_or("none".into(), |b| b.to_string()),
+    );
     diff(
         "compression",
         compress_of(old).to_string(),

@@ -7,8 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
-use crate::transport::{Failure, Link};
-use crate::wire::compress::Compress;
+use crate::transport::{Failure, Link, Options};
 
 fn grow_pipe(fd: i32) {
     // Bigger pipes keep a fast local receiver busy; failure only costs speed.
@@ -16,7 +15,7 @@ fn grow_pipe(fd: i32) {
 }
 
 /// Starts the receiver for the replica directory `target` and opens the stream.
-pub fn connect(target: &Path, compress: Compress) -> Result<Link> {
+pub fn connect(target: &Path, o: &Options) -> Result<Link> {
     let mut cmd = match std::env::var("DRFS_RECEIVE") {
         Ok(prefix) if !prefix.trim().is_empty() => {
             let mut words = prefix.split_whitespace();
@@ -48,9 +47,7 @@ pub fn connect(target: &Path, compress: Compress) -> Result<Link> {
         grow_pipe(o.as_raw_fd());
     }
     let what = target.display().to_string();
-    Link::open(child, compress, &|code, lines, f| {
-        diagnose(&what, code, lines, f)
-    })
+    Link::open(child, o, &|code, lines, f| diagnose(&what, code, lines, f))
 }
 
 /// Why a local receiver's stream did not open.

@@ -4,6 +4,7 @@
 //! client), opened by the greeting (`wire::greeting`: banner, version agreed), with the
 //! receiver's exit code and last words when the stream ends badly.
 
+pub mod limit;
 pub mod local;
 pub mod ssh;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Class, Error, Result};
 use crate::model::Target;
+use crate::model::settings::BwLimit;
 use crate::wire::compress::{self, Compress, Counted};
 use crate::wire::greeting::{self, Opening};
 use crate::wire::{Reader, WireError, Writer};
@@ -28,6 +30,8 @@ pub struct Options {
     pub ssh_command: Option<String>,
     /// How the stream to the receiver is compressed.
     pub compress: Compress,
+    /// The cap on the bytes per second on the wire (`--bwlimit`).
+    pub bwlimit: Option<BwLimit>,
 }
 
 impl Options {
@@ -38,6 +42,7 @@ impl Options {
             compress: rep
                 .compress
                 .unwrap_or_else(|| default_compress(&rep.target)),
+            bwlimit: rep.bwlimit.clone(),
         }
     }
 }
@@ -67,7 +72,7 @@ pub fn default_compress(target: &Target) -> Compress {
 /// Connects to the receiver of `target`.
 pub fn connect(target: &Target, o: &Options) -> Result<Link> {
     match target {
-        Target::Local(dir) => local::connect(dir, o.compress),
+        Target::Local(dir) => local::connect(dir, o),
         Target::Ssh { .. } => ssh::connect(target, o),
         Target::S3 { .. } => Err(Error::Invalid(target.local().err().unwrap_or_default())),
     }
@@ -91,7 +96,8 @@ pub enum Failure {
 impl Link {
     /// Opens the stream to the receiver `child` runs: reads its banner and versions,
     /// answers with the version both speak. `diagnose` says why it failed.
-    fn open(mut child: Child, compress: Compress, diagnose: Diagnose<'_>) -> Result<Link> {
+    fn open(mut child: Child, o: &Options, diagnose: Diagnose<'_>) -> Result<Link> {
+        let compress = o.compress;
         let stderr = Stderr::drain(child.stderr.take());
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(Error::Link("the receiver's pipes are missing".into()));
@@ -126,8 +132,12 @@ impl Link {
                 "the receiver speaks protocol {v}, which has no compression: sending plain"
             );
         }
+        let out: Box<dyn Write + Send> = match &o.bwlimit {
+            Some(l) => Box::new(limit::Limited::new(out, l.clone())),
+            None => Box::new(out),
+        };
         let w: Box<dyn Write + Send> = match c {
-            Compress::None => Box::new(out),
+            Compress::None => out,
             Compress::Zstd(level) => compress::encoder(out, level)
                 .map_err(|e| Error::Link(format!("starting zstd: {e}")))?,
         };

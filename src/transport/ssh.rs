@@ -90,7 +90,7 @@ pub fn connect(target: &Target, o: &Options) -> Result<Link> {
             ))
         })?;
     let what = target.to_string();
-    Link::open(child, o.compress, &|code, lines, f| {
+    Link::open(child, o, &|code, lines, f| {
         diagnose(&what, host, code, lines, f)
     })
 }
