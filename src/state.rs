@@ -72,7 +72,7 @@ pub struct Locked {
 /// `[replication]` in a primary's `state.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Replication {
-    /// The replica (a local directory today).
+    /// The replica: a local directory or `ssh://[user@]host[:port]/path`.
     pub target: Target,
     /// Time between cycles, e.g. `30s`, `5m`, or `manual`.
     pub interval: Interval,
@@ -86,6 +86,16 @@ pub struct Replication {
     /// alarms (none: no alarm can tell that cron stopped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_every: Option<Interval>,
+    /// For an ssh:// replica: the ssh client command (`--ssh-command`), none for `ssh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_command: Option<String>,
+    /// How the stream is compressed (`--compress`); none: the target's default (zstd
+    /// over ssh, none locally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<crate::model::settings::Compress>,
+    /// The cap on bytes per second on the wire (`--bwlimit`), none: uncapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<crate::model::settings::BwLimit>,
     /// Cycles are paused (`drfs pause`): changes are tracked, nothing ships.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Pause>,

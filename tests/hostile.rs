@@ -263,11 +263,99 @@ fn absurd_sizes_and_bad_data_are_refused() {
     );
     // A frame announcing 4 GiB.
     let mut s = stream(&[], manifest(vec![]));
-    s.truncate(12);
+    s.truncate(13);
     s.extend_from_slice(&u32::MAX.to_le_bytes());
     s.extend_from_slice(&[1; 64]);
     c.refused(&s, "a 4 GiB frame");
     c.refused(b"GET / HTTP/1.1\r\n\r\n", "not a drfs stream");
     let many = manifest((0..3).map(|_| ok_entry()).collect());
     c.refused(&stream(&[blk], many), "one path three times");
+}
+
+/// `plain` (a sender's greeting and frames) with its frames compressed as zstd frames:
+/// those before the commit in one, the commit and bye in another. The greeting's codec
+/// byte says zstd.
+fn compressed(plain: &[u8], commit_at: usize) -> (Vec<u8>, std::ops::Range<usize>) {
+    let mut out = plain[..13].to_vec();
+    out[12] = 1;
+    let a = zstd::encode_all(&plain[13..commit_at], 3).unwrap();
+    let first = out.len()..out.len() + a.len();
+    out.extend(a);
+    out.extend(zstd::encode_all(&plain[commit_at..], 3).unwrap());
+    (out, first)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn compressed_streams_apply_and_corrupt_frames_or_bombs_are_refused() {
+    let c = Case::new("hostile-zstd");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let m = manifest(vec![entry("f", Kind::File, Some(1), 65536)]);
+    let plain = stream(&[data_block(1, 0, data.clone())], m);
+    // Where the commit begins: after hello, begin and the block.
+    let head = {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out).unwrap();
+        w.msg(&Msg::Hello {
+            store_id: "s0".into(),
+            block_size: BS,
+            init: true,
+            keep: "all:1h".into(),
+            seed: true,
+        })
+        .unwrap();
+        w.msg(&Msg::Begin {
+            generation: 1,
+            base: None,
+            cut_id: "x".into(),
+            resync: false,
+        })
+        .unwrap();
+        w.block(&data_block(1, 0, data.clone())).unwrap();
+        out.len()
+    };
+    let (good, first) = compressed(&plain, head);
+    assert!(
+        good.len() < plain.len() / 10,
+        "{} of {}",
+        good.len(),
+        plain.len()
+    );
+    // A byte flipped anywhere in the compressed frames before the commit: refused, and
+    // nothing applied (the block's CRC32 and BLAKE3 are over the uncompressed bytes).
+    for at in (first.start + 4..first.end).step_by((first.len() / 12).max(1)) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x55;
+        c.refused(
+            &bad,
+            &format!("compressed byte {at} of {} flipped", good.len()),
+        );
+    }
+    // A zstd frame that asks for a 2 GiB window and announces 1 TiB of content: refused
+    // when its header is read, before anything is allocated for it.
+    let mut bomb = good[..13].to_vec();
+    bomb.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 0xc0, 21 << 3]);
+    bomb.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    bomb.extend_from_slice(&[0; 64]);
+    c.refused(&bomb, "a zstd frame asking for a 2 GiB window");
+    // 1 GiB of zeros in a few KiB of zstd: read as a frame length of 0, refused at once.
+    let zeros = vec![0u8; 64 << 20];
+    let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    for _ in 0..16 {
+        std::io::Write::write_all(&mut e, &zeros).unwrap();
+    }
+    let mut bomb = good[..13].to_vec();
+    bomb.extend(e.finish().unwrap());
+    assert!(bomb.len() < 200 << 10, "{}", bomb.len());
+    let t = std::time::Instant::now();
+    c.refused(&bomb, "1 GiB of zeros in a small zstd stream");
+    eprintln!("refused in {:?}", t.elapsed());
+    // The whole stream applies, byte-identical.
+    let out = c.feed(&good);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), data);
 }

@@ -143,8 +143,11 @@ fn connect(root: &Path) -> Conn {
         let input = theirs.try_clone().expect("clone");
         drfs::replica::receive::serve(&root, input, theirs)
     });
-    let w = Writer::new(BufWriter::new(mine.try_clone().expect("clone"))).expect("greeting");
-    let r = Reader::new(BufReader::new(mine)).expect("greeting");
+    let (w, r) = drfs::wire::greeting::open(
+        BufWriter::new(mine.try_clone().expect("clone")),
+        BufReader::new(mine),
+    )
+    .expect("greeting");
     Conn { w, r, receiver }
 }
 
@@ -202,6 +205,7 @@ fn ship(
         origin: None,
     };
     let cycle = Cycle {
+        resume: false,
         generation,
         base,
         cut_id: &manifest.cut_id.clone(),
@@ -369,6 +373,7 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
         origin: None,
     };
     let cycle = Cycle {
+        resume: false,
         generation: 9,
         base: Some(7),
         cut_id: "x",

@@ -19,6 +19,8 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant (protect's settings) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Mount STORE at MOUNTPOINT, tracking every change; returns once the mount serves.
@@ -62,7 +64,8 @@ pub enum Cmd {
         /// The store (or its mountpoint).
         store: PathBuf,
         /// The replica directory: an empty one, this store's replica, or with --seed one
-        /// holding a copy to seed it. Needed the first time.
+        /// holding a copy to seed it; on another host ssh://[user@]host[:port]/path.
+        /// Needed the first time.
         #[arg(long)]
         to: Option<PathBuf>,
         /// Time between cycles (1s and up; e.g. 30s, 5m, 15m), or `manual` for cycles only
@@ -107,8 +110,21 @@ pub enum Cmd {
         /// Remove the pre- and post-cut hooks.
         #[arg(long, conflicts_with_all = ["pre_cut", "post_cut", "app_consistent_every", "hook_timeout"])]
         no_hooks: bool,
+        /// For an ssh:// replica: the ssh client command, e.g. 'ssh -F FILE -i KEY' (run
+        /// by sh; drfs adds -T, BatchMode=yes and keepalives). Kept in the settings; the
+        /// DRFS_SSH_COMMAND environment variable overrides it. '' goes back to ssh.
+        #[arg(long, value_name = "COMMAND")]
+        ssh_command: Option<String>,
+        /// Compression of the stream: none, zstd (level 3) or zstd:LEVEL (-7..19); BLAKE3
+        /// stays over the uncompressed data. `default`: zstd over ssh, none locally.
+        #[arg(long, value_name = "CODEC")]
+        compress: Option<String>,
+        /// Cap the bytes per second on the wire, e.g. 10M, or by local time of day:
+        /// 08:00-18:00=5M,20M (5M in the window, 20M otherwise; 0 uncapped). `none`: no cap.
+        #[arg(long, value_name = "RATE")]
+        bwlimit: Option<String>,
         /// Print the settings in force and change nothing.
-        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "pre_cut", "post_cut", "app_consistent_every", "hook_timeout", "no_hooks"])]
+        #[arg(long, conflicts_with_all = ["to", "interval", "expect_every", "keep", "group", "seed", "rebind", "pre_cut", "post_cut", "app_consistent_every", "hook_timeout", "no_hooks", "ssh_command", "compress", "bwlimit"])]
         show: bool,
     },
     /// Stop replicating STORE and forget its replica (the replica is left intact).
@@ -140,10 +156,20 @@ pub enum Cmd {
         #[arg(long)]
         resync: bool,
     },
-    /// Serve the receiving end of the replication stream on stdin/stdout.
+    /// Serve the receiving end of the replication stream on stdin/stdout (run by the
+    /// sender, locally or through ssh).
     Receive {
         /// The replica directory.
-        replica: PathBuf,
+        #[arg(
+            required_unless_present = "restrict_to",
+            conflicts_with = "restrict_to"
+        )]
+        replica: Option<PathBuf>,
+        /// As the forced command of a key in authorized_keys: serve only the replica the
+        /// sender asks for (SSH_ORIGINAL_COMMAND `drfs receive PATH`) if it is a directory
+        /// under DIR; nothing else is runnable with the key.
+        #[arg(long, value_name = "DIR")]
+        restrict_to: Option<PathBuf>,
     },
     /// List REPLICA's recovery points, newest first.
     Points {

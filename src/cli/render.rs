@@ -66,14 +66,22 @@ pub fn store(s: &StoreStatus) -> String {
             crate::obs::status::age(s.rpo_lag_s.unwrap_or(0.0))
         );
     }
-    o += &format!("pending   {}\n", human(s.pending_bytes));
+    o += &format!("pending   {}", human(s.pending_bytes));
+    if let (Some(r), Some(eta)) = (s.bwlimit_bps, s.eta_at_cap_s) {
+        o += &format!(
+            " (ETA {} at the cap of {}/s)",
+            crate::obs::status::age(eta),
+            human(r)
+        );
+    }
+    o += "\n";
     if let Some(c) = &s.last_cycle {
         let line = format!(
-            "{} at {}: {} ms, {} sent, cut pause {} us{}",
+            "{} at {}: {} ms, {}, cut pause {} us{}",
             if c.ok { "cycle" } else { "failed cycle" },
             c.time,
             c.duration_ms,
-            human(c.bytes),
+            crate::model::fmt::sent(c.bytes, c.wire_bytes),
             c.pause_us,
             // Said once: a reason above may already be this error.
             c.error
@@ -243,9 +251,9 @@ pub fn points_json(points: &[PointInfo]) -> serde_json::Value {
 pub fn ship(r: &ShipReply) {
     if r.code == 0 {
         println!(
-            "{}: {} sent in {} ms, cut pause {} us",
+            "{}: {} in {} ms, cut pause {} us",
             r.message,
-            human(r.bytes),
+            crate::model::fmt::sent(r.bytes, r.wire_bytes),
             r.duration_ms,
             r.pause_us
         );

@@ -18,10 +18,23 @@ use crate::state::StateDir;
 /// The replica at `p`; a path that does not exist is a usage error here (the receiver,
 /// which the sender retries, takes it for a disk that may come back).
 fn replica_at(p: &Path) -> Result<Replica> {
+    here(p)?;
     if std::fs::symlink_metadata(p).is_err() {
         return Err(Error::Invalid(format!("{}: no such file or directory", p.display())).into());
     }
     Ok(Replica::open_only(p)?)
+}
+
+/// A replica given as `ssh://host/path` is read where it is: this says where.
+fn here(p: &Path) -> Result<()> {
+    let s = p.to_string_lossy();
+    if s.starts_with("ssh://") || s.starts_with("s3://") {
+        let t: crate::model::Target = s.parse().map_err(Error::Invalid)?;
+        if let Err(why) = t.local() {
+            return Err(Error::Invalid(why).into());
+        }
+    }
+    Ok(())
 }
 
 /// A store given by its mountpoint means the store behind it.
@@ -64,6 +77,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             group,
             seed,
             rebind,
+            ssh_command,
+            compress,
+            bwlimit,
             show,
             pre_cut,
             post_cut,
@@ -89,6 +105,9 @@ pub fn run(cli: Cli) -> Result<i32> {
                 app_consistent_every: app_consistent_every.as_deref(),
                 hook_timeout: hook_timeout.as_deref(),
                 no_hooks,
+                ssh_command: ssh_command.as_deref(),
+                compress: compress.as_deref(),
+                bwlimit: bwlimit.as_deref(),
             };
             settings(&store, ops::protect::protect(&store, &p)?)
         }
@@ -117,7 +136,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             render::ship(&r);
             Ok(r.code)
         }
-        Cmd::Receive { replica } => match ops::receive::receive(&replica) {
+        Cmd::Receive {
+            replica,
+            restrict_to,
+        } => match receive(replica, restrict_to) {
             Ok(()) => Ok(0),
             Err(e) => {
                 // The sender reads this last line as the reason.
@@ -215,6 +237,19 @@ pub fn run(cli: Cli) -> Result<i32> {
             parents,
         } => restore(&replica, &point, path.as_deref(), &to, force, parents),
     }
+}
+
+/// `drfs receive`: the replica given, or the one a restricted key's sender asked for.
+fn receive(replica: Option<PathBuf>, restrict_to: Option<PathBuf>) -> crate::error::Result<()> {
+    let replica = match (replica, restrict_to) {
+        (_, Some(dir)) => {
+            let asked = std::env::var("SSH_ORIGINAL_COMMAND").ok();
+            ops::receive::restricted(&dir, asked.as_deref())?
+        }
+        (Some(r), None) => r,
+        (None, None) => return Err(Error::Invalid("give the replica directory".into())),
+    };
+    ops::receive::receive(&replica)
 }
 
 fn mount(o: MountOpts) -> Result<i32> {
@@ -318,6 +353,7 @@ fn points(replica: &Path, json: bool) -> Result<i32> {
 
 fn status(path: &Path, json: bool) -> Result<i32> {
     use ops::status::Status;
+    here(path)?;
     match ops::status::of(path)? {
         Status::Replica(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
         Status::Replica(s) => print!("{}", render::replica(&s)),

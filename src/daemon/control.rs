@@ -37,6 +37,9 @@ pub struct ShipReply {
     pub message: String,
     pub point: Option<String>,
     pub bytes: u64,
+    /// After compression (0 from a daemon older than it).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub pause_us: u64,
     pub duration_ms: u64,
 }
@@ -48,6 +51,7 @@ impl From<&Outcome> for ShipReply {
             message: o.message.clone(),
             point: o.point.clone(),
             bytes: o.bytes,
+            wire_bytes: o.wire_bytes,
             pause_us: o.pause_us,
             duration_ms: o.duration_ms,
         }

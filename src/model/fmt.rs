@@ -37,6 +37,19 @@ pub fn rfc3339_ns(ns: i128) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// "12.0 MiB sent" or, compressed, "12.0 MiB sent (4.1 MiB on the wire, 2.93x)".
+pub fn sent(bytes: u64, wire: u64) -> String {
+    if wire == 0 || wire == bytes {
+        return format!("{} sent", human(bytes));
+    }
+    format!(
+        "{} sent ({} on the wire, {:.2}x)",
+        human(bytes),
+        human(wire),
+        bytes as f64 / wire as f64
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,177 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size too large: {s}"))
 }
 
+/// The zstd level `--compress zstd` (and an ssh target by default) means.
+pub const DEFAULT_LEVEL: i32 = 1;
+
+/// `--compress`: how the sender's half of a stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    None,
+    Zstd(i32),
+}
+
+impl Compress {
+    /// The codec byte of the sender's greeting.
+    pub fn code(self) -> u8 {
+        match self {
+            Compress::None => 0,
+            Compress::Zstd(_) => 1,
+        }
+    }
+}
+
+impl FromStr for Compress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Compress, String> {
+        let bad = || {
+            format!(
+                "--compress {s:?}: expected none, zstd or zstd:LEVEL (1..19, or -7..-1 for the fastest)"
+            )
+        };
+        match s.split_once(':') {
+            None if s == "none" => Ok(Compress::None),
+            None if s == "zstd" => Ok(Compress::Zstd(DEFAULT_LEVEL)),
+            Some(("zstd", l)) => {
+                let l: i32 = l.parse().map_err(|_| bad())?;
+                if (-7..=19).contains(&l) && l != 0 {
+                    Ok(Compress::Zstd(l))
+                } else {
+                    Err(bad())
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Compress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compress::None => f.write_str("none"),
+            Compress::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+impl Serialize for Compress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Compress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `--bwlimit`: a cap on the bytes per second on the wire, optionally by time of day
+/// (`08:00-18:00=5M,20M`: 5 MiB/s from 08:00 to 18:00 local time, 20 MiB/s otherwise;
+/// `none` or `0` for no cap). Windows may wrap midnight (`22:00-06:00=50M`); the first
+/// window that holds a time wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BwLimit {
+    /// (from, to minute of the day, bytes per second, 0 = uncapped).
+    pub windows: Vec<(u32, u32, u64)>,
+    /// Outside every window (0 = uncapped).
+    pub otherwise: u64,
+    text: String,
+}
+
+fn minute(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+impl BwLimit {
+    /// The cap at `minute` of the local day (none: uncapped).
+    pub fn rate_at(&self, minute: u32) -> Option<u64> {
+        let inside = |&&(a, b, _): &&(u32, u32, u64)| {
+            if a <= b {
+                (a..b).contains(&minute)
+            } else {
+                minute >= a || minute < b
+            }
+        };
+        let r = self
+            .windows
+            .iter()
+            .find(inside)
+            .map_or(self.otherwise, |w| w.2);
+        (r > 0).then_some(r)
+    }
+}
+
+impl FromStr for BwLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BwLimit, String> {
+        let bad = |why: String| {
+            format!(
+                "--bwlimit {s:?}: {why}; expected RATE (e.g. 10M, bytes per second) or HH:MM-HH:MM=RATE,...[,RATE]"
+            )
+        };
+        let mut windows = Vec::new();
+        let mut otherwise = 0;
+        for part in s.split(',').map(str::trim) {
+            if part == "none" {
+                continue;
+            }
+            match part.split_once('=') {
+                Some((span, rate)) => {
+                    let (a, b) = span
+                        .split_once('-')
+                        .ok_or_else(|| bad(format!("{span:?} is not HH:MM-HH:MM")))?;
+                    let (a, b) = minute(a)
+                        .zip(minute(b))
+                        .ok_or_else(|| bad(format!("{span:?} is not HH:MM-HH:MM")))?;
+                    windows.push((a, b, parse_size(rate).map_err(bad)?));
+                }
+                None => otherwise = parse_size(part).map_err(bad)?,
+            }
+        }
+        let low = windows
+            .iter()
+            .map(|w| w.2)
+            .chain([otherwise])
+            .filter(|&r| r > 0)
+            .min();
+        if low.is_some_and(|r| r < 4096) {
+            return Err(bad("a cap below 4K/s".into()));
+        }
+        Ok(BwLimit {
+            windows,
+            otherwise,
+            text: s.trim().to_string(),
+        })
+    }
+}
+
+impl fmt::Display for BwLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for BwLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BwLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +305,35 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn compress_settings_parse_and_print_back() {
+        for s in ["none", "zstd:3", "zstd:1", "zstd:-5", "zstd:19"] {
+            assert_eq!(s.parse::<Compress>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "zstd".parse::<Compress>(),
+            Ok(Compress::Zstd(DEFAULT_LEVEL))
+        );
+        for bad in ["zstd:0", "zstd:20", "gzip", "zstd:x", ""] {
+            assert!(bad.parse::<Compress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bandwidth_caps_by_time_of_day() {
+        let b: BwLimit = "08:00-18:00=5M,22:00-06:00=0,20M".parse().unwrap();
+        assert_eq!(b.rate_at(7 * 60 + 59), Some(20 << 20));
+        assert_eq!(b.rate_at(8 * 60), Some(5 << 20));
+        assert_eq!(b.rate_at(18 * 60), Some(20 << 20));
+        assert_eq!(b.rate_at(23 * 60), None);
+        assert_eq!(b.rate_at(60), None);
+        assert_eq!("10M".parse::<BwLimit>().unwrap().rate_at(0), Some(10 << 20));
+        assert_eq!("none".parse::<BwLimit>().unwrap().rate_at(0), None);
+        assert_eq!(b.to_string(), "08:00-18:00=5M,22:00-06:00=0,20M");
+        for bad in ["25:00-01:00=1M", "08:00=1M", "1X", "100"] {
+            assert!(bad.parse::<BwLimit>().is_err(), "{bad}");
+        }
     }
 }

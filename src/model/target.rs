@@ -1,7 +1,7 @@
 //! Where a store replicates to, parsed once from `--to` (and from `state.toml`, where it
 //! is kept as the text the operator gave): a directory on this host, another host over
-//! ssh, or an object store. Only local directories are supported yet; the other forms
-//! parse, so that they are refused with a clear word instead of being taken for a path.
+//! ssh, or an object store. Object stores are not supported yet; the form parses, so that
+//! it is refused with a clear word instead of being taken for a path.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,12 +26,12 @@ pub enum Target {
 }
 
 impl Target {
-    /// The local directory, or why this target cannot be used (yet).
+    /// The local directory, or why this target is not one.
     pub fn local(&self) -> Result<&Path, String> {
         match self {
             Target::Local(p) => Ok(p),
-            Target::Ssh { .. } => Err(format!(
-                "{self}: replicating to another host over ssh is not supported by this drfs yet; give a local directory"
+            Target::Ssh { host, path, .. } => Err(format!(
+                "{self} is on another host: run this on {host} with {path}"
             )),
             Target::S3 { .. } => Err(format!(
                 "{self}: replicating to an object store is not supported by this drfs yet; give a local directory"
@@ -52,7 +52,10 @@ fn ssh(rest: &str) -> Result<Target, String> {
         Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
         None => (hostport, None),
     };
-    if host.is_empty() || path.is_empty() {
+    // A host or user that begins with `-` would read as an option of ssh.
+    let odd =
+        |s: &str| s.starts_with('-') || s.chars().any(|c| c.is_whitespace() || c.is_control());
+    if host.is_empty() || path.is_empty() || odd(host) || user.as_deref().is_some_and(odd) {
         return Err(bad());
     }
     Ok(Target::Ssh {
@@ -160,7 +163,9 @@ mod tests {
         );
         assert!("relative/dir".parse::<Target>().unwrap().local().is_ok());
         let e = "ssh://h/p".parse::<Target>().unwrap().local().unwrap_err();
-        assert!(e.contains("not supported"), "{e}");
+        assert!(e.contains("run this on h with /p"), "{e}");
+        assert!("ssh://-oProxyCommand=x/p".parse::<Target>().is_err());
+        assert!("ssh://-u@h/p".parse::<Target>().is_err());
         assert!("ssh://h".parse::<Target>().is_err());
         assert!("ssh://h:x/p".parse::<Target>().is_err());
         assert!("ftp://h/p".parse::<Target>().is_err());

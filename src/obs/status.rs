@@ -79,6 +79,12 @@ pub struct StoreStatus {
     pub last_point_time: Option<String>,
     pub rpo_lag_s: Option<f64>,
     pub pending_bytes: u64,
+    /// The bandwidth cap in force now (bytes per second), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit_bps: Option<u64>,
+    /// How long the pending bytes take at that cap, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_at_cap_s: Option<f64>,
     pub last_cycle: Option<LastCycle>,
     pub last_error: Option<String>,
     pub failed_last_hour: u32,
@@ -143,6 +149,11 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
         .collect();
     let failed = recent.iter().filter(|ok| !**ok).count() as u32;
     let resyncing = pending.iter().filter(|p| p.3).count();
+    let cap = rep
+        .as_ref()
+        .and_then(|r| r.bwlimit.as_ref())
+        .and_then(|b| b.rate_at(crate::transport::limit::local_minute()));
+    let pending_total: u64 = pending.iter().map(|p| p.2).sum();
     let mut reasons = Vec::new();
     let mut health = Health::Normal;
     let mut raise = |h: Health, why: String| {
@@ -206,6 +217,22 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
                 format!("the last application-consistent cut gave a crash point: {h}"),
             );
         }
+        // A cycle longer than its interval: cycles pile up, the RPO grows.
+        if let (Some(iv), Some(l)) = (cadence, st.last.as_ref().filter(|l| l.ok)) {
+            if Duration::from_millis(l.duration_ms) > iv {
+                let at = cap.map_or(String::new(), |r| {
+                    format!(" at {}/s", crate::model::fmt::human(r))
+                });
+                raise(
+                    Health::Warning,
+                    format!(
+                        "cycle took {:.0} s{at}; interval {} s",
+                        l.duration_ms as f64 / 1000.0,
+                        iv.as_secs()
+                    ),
+                );
+            }
+        }
         if resyncing > 0 {
             raise(
                 Health::Warning,
@@ -258,7 +285,9 @@ pub fn store(sd: &StateDir, live: Option<&Tracker>, mounted: bool) -> Result<Sto
             .point_time_ns
             .map(|t| crate::model::fmt::rfc3339_ns(i128::from(t))),
         rpo_lag_s: lag,
-        pending_bytes: pending.iter().map(|p| p.2).sum(),
+        pending_bytes: pending_total,
+        bwlimit_bps: cap,
+        eta_at_cap_s: cap.map(|r| pending_total as f64 / r as f64),
         last_error: st.last.as_ref().and_then(|l| l.error.clone()),
         last_cycle: st.last.clone(),
         failed_last_hour: failed,

@@ -517,6 +517,9 @@ fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Re
         paused: None,
         // The same VMs run there: the same freeze and thaw.
         hooks: rep.hooks.clone(),
+        ssh_command: rep.ssh_command.clone(),
+        compress: rep.compress,
+        bwlimit: rep.bwlimit.clone(),
     });
     let st = CycleState {
         version: crate::primary::cycle::STATE_VERSION,

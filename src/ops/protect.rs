@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_ns;
 use crate::model::retention::{self, Policy};
+use crate::model::settings::{BwLimit, Compress};
 use crate::model::{Group, Interval, Target};
 use crate::ship::session::{self, Hello};
 use crate::state::{Config, Hooks, Pause, Replication, Role, StateDir};
@@ -38,6 +39,12 @@ pub struct Protect<'a> {
     pub hook_timeout: Option<&'a str>,
     /// Forget the hooks.
     pub no_hooks: bool,
+    /// The ssh client command for an ssh:// replica (`Some("")`: back to `ssh`).
+    pub ssh_command: Option<&'a str>,
+    /// `--compress`: none, zstd or zstd:LEVEL (`Some("default")`: the target's default).
+    pub compress: Option<&'a str>,
+    /// `--bwlimit`: RATE or HH:MM-HH:MM=RATE,...,RATE (`Some("none")`: uncapped).
+    pub bwlimit: Option<&'a str>,
 }
 
 /// The interval a first `protect` takes when none is given.
@@ -64,9 +71,13 @@ fn store_dir(store: &Path) -> Result<StateDir> {
     Ok(StateDir::new(&store))
 }
 
-/// An existing directory for the replica, outside the store.
+/// An existing directory for the replica, outside the store (on another host: whatever
+/// its receiver says when it is bound).
 fn replica_dir(to: &str, store: &Path) -> Result<Target> {
     let target: Target = to.parse().map_err(Error::Invalid)?;
+    if let Target::Ssh { .. } = target {
+        return Ok(target);
+    }
     let dir = target.local().map_err(Error::Invalid)?;
     let replica = dir
         .canonicalize()
@@ -140,6 +151,23 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         (None, None) => Group::default(),
     };
     let hooks = hooks(p, old.as_ref().and_then(|r| r.hooks.clone()))?;
+    let ssh_command = match (p.ssh_command, &old) {
+        (Some(c), _) => Some(c.trim().to_string()).filter(|c| !c.is_empty()),
+        (None, Some(r)) => r.ssh_command.clone(),
+        (None, None) => None,
+    };
+    let compress: Option<Compress> = match (p.compress, &old) {
+        (Some("default"), _) => None,
+        (Some(c), _) => Some(c.parse().map_err(Error::Invalid)?),
+        (None, Some(r)) => r.compress,
+        (None, None) => None,
+    };
+    let bwlimit: Option<BwLimit> = match (p.bwlimit, &old) {
+        (Some("none"), _) => None,
+        (Some(b), _) => Some(b.parse().map_err(Error::Invalid)?),
+        (None, Some(r)) => r.bwlimit.clone(),
+        (None, None) => None,
+    };
     let (sd, mut cfg) = match sd.exists().then(|| sd.config()).transpose()? {
         Some(c) if c.role == Role::Replica => (onward(&sd, &c, &target)?, c),
         _ => StateDir::open_or_init(sd.store(), None)?,
@@ -153,7 +181,12 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
             keep: &keep,
             seed: p.seed,
         };
-        session::bind(&target, &hello)?
+        let o = crate::transport::Options {
+            ssh_command: ssh_command.clone(),
+            compress: Compress::None,
+            bwlimit: None,
+        };
+        session::bind(&target, &o, &hello)?
     } else {
         old.as_ref()
             .map(|r| r.replica_id.clone())
@@ -166,6 +199,9 @@ pub fn protect(store: &Path, p: &Protect<'_>) -> Result<Changed> {
         group,
         replica_id,
         expect_every,
+        ssh_command,
+        compress,
+        bwlimit,
         paused: old.as_ref().and_then(|r| r.paused.clone()),
         hooks,
     };
@@ -335,7 +371,32 @@ fn changes(old: Option<&Replication>, new: &Replication) -> Vec<String> {
         hooks_text(old.hooks.as_ref()),
         hooks_text(new.hooks.as_ref()),
     );
+    diff(
+        "bandwidth cap",
+        old.bwlimit
+            .as_ref()
+            .map_or("none".into(), |b| b.to_string()),
+        new.bwlimit
+            .as_ref()
+            .map_or("none".into(), |b| b.to_string()),
+    );
+    diff(
+        "compression",
+        compress_of(old).to_string(),
+        compress_of(new).to_string(),
+    );
+    diff(
+        "ssh command",
+        old.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
+        new.ssh_command.clone().unwrap_or_else(|| "ssh".into()),
+    );
     out
+}
+
+/// The compression in force.
+pub fn compress_of(r: &Replication) -> Compress {
+    r.compress
+        .unwrap_or_else(|| crate::transport::default_compress(&r.target))
 }
 
 /// "every 30s", "manually (drfs ship; expected every 15m)".

@@ -16,7 +16,8 @@ use crate::replica::posix::incoming::MAX_FILE;
 use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
 use crate::replica::{Binding, ReplicaStore};
-use crate::wire::{Frame, Hashes, Msg, Reader, Writer};
+use crate::wire::compress::{self, Compress};
+use crate::wire::{Frame, Hashes, Msg, Reader, WireError, Writer, greeting};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;
@@ -49,20 +50,36 @@ pub trait Bind<S>: FnOnce(&Binding<'_>) -> Result<S> {}
 impl<S, F: FnOnce(&Binding<'_>) -> Result<S>> Bind<S> for F {}
 
 /// Serves one sender for the store `bind` opens, until it says goodbye.
-pub fn serve_store<S: ReplicaStore>(
+pub fn serve_store<'a, S: ReplicaStore>(
     bind: impl Bind<S>,
-    input: impl Read,
+    input: impl Read + 'a,
     output: impl Write,
 ) -> Result<()> {
-    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, output))?;
-    let r = match Reader::new(BufReader::with_capacity(1 << 20, input)) {
-        Ok(r) => r,
+    let mut out = BufWriter::with_capacity(1 << 20, output);
+    greeting::announce(&mut out)?;
+    let mut input = BufReader::with_capacity(1 << 20, input);
+    let (w, r) = match greeting::chosen(&mut input).and_then(|(v, codec)| {
+        let input: Box<dyn Read + 'a> = if codec == Compress::Zstd(0).code() {
+            compress::decoder(input)?
+        } else {
+            Box::new(input)
+        };
+        Ok((v, input))
+    }) {
+        Ok((v, input)) => (
+            Writer::at(out, v),
+            Reader::at(BufReader::with_capacity(1 << 20, input), v),
+        ),
         Err(e) => {
+            let mut w = Writer::at(out, crate::wire::MIN_VERSION);
             let _ = w.msg(&Msg::Error {
                 message: e.to_string(),
-                recoverable: true,
+                recoverable: !matches!(e, WireError::Version(_)),
             });
-            return Err(e.into());
+            return Err(match e {
+                WireError::Version(v) => Error::operator(v),
+                e => e.into(),
+            });
         }
     };
     let mut s = Session {

@@ -44,6 +44,9 @@ pub struct Shipper<'a, W: Write, R: Read> {
     pub bs: u64,
     pub stats: Stats,
     pub progress: Option<Arc<dyn Progress>>,
+    /// An earlier attempt of this cycle broke off: the receiver may hold some changed
+    /// blocks staged already, so changed blocks too are compared by hash first.
+    pub resume: bool,
     zero: [u8; 32],
     buf: Vec<u8>,
     /// Whole zero blocks waiting to travel as one run: (file, first block, count).
@@ -63,6 +66,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
             bs,
             stats: Stats::default(),
             progress,
+            resume: false,
             zero: zero_hash(bs as usize),
             buf: Vec::with_capacity(bs as usize),
             run: None,
@@ -159,6 +163,9 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
 
     /// Ships the changed blocks of a file.
     fn dirty(&mut self, f: &dyn SourceFile) -> Result<()> {
+        if self.resume {
+            return self.dirty_resumed(f);
+        }
         let blocks = f.size().div_ceil(self.bs);
         let mut rd = f.blocks();
         for (a, b) in f.changed() {
@@ -202,6 +209,50 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
                 }
             }
             first = next;
+        }
+        self.flush_run()
+    }
+
+    /// Ships the changed blocks of a file that the receiver does not hold staged from an
+    /// attempt that broke off: asked for by hash, a region ahead, as `resync` does.
+    fn dirty_resumed(&mut self, f: &dyn SourceFile) -> Result<()> {
+        let blocks = f.size().div_ceil(self.bs);
+        let mut regions = Vec::new();
+        for (a, b) in f.changed() {
+            let mut first = a;
+            while first < b.min(blocks) {
+                let n = REGION.min(b.min(blocks) - first);
+                regions.push((first, n));
+                first += n;
+            }
+        }
+        let request = |w: &mut Writer<W>, (first, count): (u64, u64)| {
+            w.msg(&Msg::HashRequest {
+                id: f.id(),
+                path: f.path().clone(),
+                first,
+                count,
+            })
+            .map_err(wire_err)
+        };
+        let Some(&head) = regions.first() else {
+            return Ok(());
+        };
+        request(self.w, head)?;
+        let mut rd = f.blocks();
+        for (i, &(first, _)) in regions.iter().enumerate() {
+            if let Some(&next) = regions.get(i + 1) {
+                request(self.w, next)?;
+            }
+            let theirs = self.read_hashes(f, first)?;
+            for (k, their) in theirs.into_iter().enumerate() {
+                // A block the replica holds as the cut has it (staged by the broken
+                // attempt, or rewritten with the same bytes) does not travel again.
+                if self.compare(f, &mut *rd, first + k as u64, their)? {
+                    self.stats.same_blocks += 1;
+                    self.tick(self.bs);
+                }
+            }
         }
         self.flush_run()
     }

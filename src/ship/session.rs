@@ -41,6 +41,9 @@ pub struct Cycle<'a> {
     pub cut_id: &'a str,
     /// Accept whatever the replica's latest is as the base (every file is `whole`).
     pub resync: bool,
+    /// An earlier attempt of this generation broke off: what the receiver staged then is
+    /// asked for by hash, not sent again.
+    pub resume: bool,
 }
 
 fn unexpected(what: &str, m: &Msg) -> Error {
@@ -130,6 +133,7 @@ fn send_cycle<W: Write, R: Read>(
         p.total(files.iter().map(|f| planned(*f, bs)).sum());
     }
     let mut sh = Shipper::new(w, r, bs, progress.clone());
+    sh.resume = c.resume;
     for f in files {
         sh.file(f)?;
     }
@@ -152,8 +156,8 @@ fn send_cycle<W: Write, R: Read>(
 }
 
 /// Binds the replica at `target` to the store `h` names (`drfs protect`); the replica's id.
-pub fn bind(target: &Target, h: &Hello<'_>) -> Result<String> {
-    let mut link = transport::connect(target)?;
+pub fn bind(target: &Target, o: &transport::Options, h: &Hello<'_>) -> Result<String> {
+    let mut link = transport::connect(target, o)?;
     match hello(&mut link.w, &mut link.r, h, true) {
         Ok(w) => {
             bye(link);

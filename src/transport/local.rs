@@ -2,14 +2,12 @@
 //! over its stdin and stdout. The environment variable `DRFS_RECEIVE` replaces the command
 //! (the replica path is appended) so tests can put a corrupting proxy in the pipe.
 
-use std::io::{BufReader, BufWriter};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
-use crate::transport::Link;
-use crate::wire::{Reader, Writer};
+use crate::transport::{Failure, Link, Options};
 
 fn grow_pipe(fd: i32) {
     // Bigger pipes keep a fast local receiver busy; failure only costs speed.
@@ -17,7 +15,7 @@ fn grow_pipe(fd: i32) {
 }
 
 /// Starts the receiver for the replica directory `target` and opens the stream.
-pub fn connect(target: &Path) -> Result<Link> {
+pub fn connect(target: &Path, o: &Options) -> Result<Link> {
     let mut cmd = match std::env::var("DRFS_RECEIVE") {
         Ok(prefix) if !prefix.trim().is_empty() => {
             let mut words = prefix.split_whitespace();
@@ -38,18 +36,33 @@ pub fn connect(target: &Path) -> Result<Link> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| {
+    let child = cmd.spawn().map_err(|e| {
         Error::Link(format!(
             "cannot start the receiver for {}: {e}",
             target.display()
         ))
     })?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err(Error::Link("the receiver's pipes are missing".into()));
+    if let (Some(i), Some(o)) = (&child.stdin, &child.stdout) {
+        grow_pipe(i.as_raw_fd());
+        grow_pipe(o.as_raw_fd());
+    }
+    let what = target.display().to_string();
+    Link::open(child, o, &|code, lines, f| diagnose(&what, code, lines, f))
+}
+
+/// Why a local receiver's stream did not open.
+fn diagnose(target: &str, _code: Option<i32>, lines: &[String], f: Failure) -> Error {
+    let why = super::last_words(lines);
+    let why = if why.is_empty() {
+        why
+    } else {
+        format!("{why}; ")
     };
-    grow_pipe(stdin.as_raw_fd());
-    grow_pipe(stdout.as_raw_fd());
-    let w = Writer::new(BufWriter::with_capacity(1 << 20, stdin));
-    let r = Reader::new(BufReader::with_capacity(1 << 20, stdout));
-    Link::open(child, w, r, &target.display().to_string())
+    match f {
+        Failure::Version(v) => Error::operator(format!("replica {target}: {v}")),
+        Failure::Noise(n) => Error::Link(format!(
+            "replica {target}: the receiver wrote {n:?} instead of drfs's banner"
+        )),
+        Failure::Stream(e) => Error::Link(format!("replica {target} unreachable: {why}{e}")),
+    }
 }

@@ -2,8 +2,8 @@
 //! ssh's stdin/stdout remotely). Versioned, framed and checksummed; the receiver treats
 //! every byte as hostile.
 //!
-//! Format v1. The stream opens with the 8-byte magic `DRFSWIRE` and a u32 version from
-//! each side. Then frames, little-endian: `[len u32][kind u8][body: len-1 bytes][crc32 of
+//! The stream opens as `greeting` says: the receiver's banner and the versions it speaks,
+//! the sender's choice. Then frames, little-endian: `[len u32][kind u8][body: len-1 bytes][crc32 of
 //! kind+body u32]`, `len` at most `MAX_FRAME`. Kinds:
 //! - 1 `Msg`: a JSON control message (`Msg` below).
 //! - 2 `Block`: file id u64, offset u64, len u32, flags u8 (1 = zero), BLAKE3 of the block's
@@ -12,6 +12,9 @@
 //! - 3 `Hashes`: file id u64, first block u64, count u32, then per block 1 byte tag
 //!   (0 absent, 1 zero, 2 data) and, for data, 32 bytes of BLAKE3.
 
+pub mod compress;
+pub mod greeting;
+
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{FileId, Manifest, PointRef, RelPath};
 
 pub const MAGIC: &[u8; 8] = b"DRFSWIRE";
-pub const VERSION: u32 = 1;
+/// The newest protocol version this drfs speaks: 2 adds the codec byte (compression).
+pub const VERSION: u32 = 2;
+/// The oldest protocol version this drfs speaks.
+pub const MIN_VERSION: u32 = 1;
 /// The largest frame: a 16 MiB block plus its header.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
 /// The largest control message.
@@ -37,8 +43,8 @@ pub enum WireError {
     Closed,
     #[error("corrupt stream: {0}")]
     Corrupt(String),
-    #[error("protocol version {0} not supported (this drfs speaks {VERSION})")]
-    Version(u32),
+    #[error("{0}")]
+    Version(String),
 }
 
 pub type Result<T> = std::result::Result<T, WireError>;
@@ -50,7 +56,7 @@ impl From<WireError> for crate::error::Error {
     }
 }
 
-fn corrupt(s: impl Into<String>) -> WireError {
+pub(crate) fn corrupt(s: impl Into<String>) -> WireError {
     WireError::Corrupt(s.into())
 }
 
@@ -151,14 +157,29 @@ pub fn zero_hash(len: usize) -> [u8; 32] {
 pub struct Writer<W: Write> {
     w: W,
     pub bytes: u64,
+    /// The protocol version the stream speaks.
+    pub version: u32,
 }
 
 impl<W: Write> Writer<W> {
+    /// A sender's stream at the newest version, for a receiver known to speak it: the
+    /// sender's greeting (`greeting::answer`) first.
     pub fn new(mut w: W) -> Result<Self> {
-        w.write_all(MAGIC)?;
-        w.write_all(&VERSION.to_le_bytes())?;
-        w.flush()?;
-        Ok(Writer { w, bytes: 12 })
+        greeting::answer(&mut w, VERSION, 0)?;
+        Ok(Writer {
+            w,
+            bytes: 13,
+            version: VERSION,
+        })
+    }
+
+    /// A stream whose greeting is done, at `version`.
+    pub fn at(w: W, version: u32) -> Self {
+        Writer {
+            w,
+            bytes: 0,
+            version,
+        }
     }
 
     fn frame(&mut self, kind: u8, parts: &[&[u8]]) -> Result<()> {
@@ -228,6 +249,7 @@ impl<W: Write> Writer<W> {
 pub struct Reader<R: Read> {
     r: R,
     pub bytes: u64,
+    pub version: u32,
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -243,18 +265,28 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl<R: Read> Reader<R> {
-    /// Reads and checks the peer's magic and version.
+    /// Reads a plain sender's greeting (for tests of the frames).
     pub fn new(mut r: R) -> Result<Self> {
-        let mut head = [0u8; 12];
-        read_exact(&mut r, &mut head)?;
-        if &head[..8] != MAGIC {
-            return Err(corrupt("not a drfs stream (bad magic)"));
+        let (version, _) = greeting::chosen(&mut r)?;
+        Ok(Reader {
+            r,
+            bytes: 13,
+            version,
+        })
+    }
+
+    /// A stream whose greeting is done, at `version`.
+    pub fn at(r: R, version: u32) -> Self {
+        Reader {
+            r,
+            bytes: 0,
+            version,
         }
-        let v = u32_at(&head, 8);
-        if v != VERSION {
-            return Err(WireError::Version(v));
-        }
-        Ok(Reader { r, bytes: 12 })
+    }
+
+    /// The underlying stream (for the greeting).
+    pub fn inner(&mut self) -> &mut R {
+        &mut self.r
     }
 
     pub fn read_frame(&mut self) -> Result<Frame> {
@@ -304,7 +336,7 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<()> {
     match r.read_exact(buf) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(WireError::Closed),
@@ -421,7 +453,7 @@ mod tests {
         }
         assert!(matches!(r.read_frame(), Err(WireError::Closed)));
         // Flip one byte anywhere after the magic: the stream is rejected, never misread.
-        for i in 12..buf.len() {
+        for i in 13..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x20;
             let mut r = Reader::new(&bad[..]).unwrap();

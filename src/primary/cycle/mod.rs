@@ -46,6 +46,9 @@ pub struct LastCycle {
     pub ok: bool,
     pub duration_ms: u64,
     pub bytes: u64,
+    /// The bytes on the wire, after compression (0 in records from before it).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub data_bytes: u64,
     pub pause_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,8 @@ pub struct Outcome {
     pub point: Option<String>,
     pub stats: Stats,
     pub bytes: u64,
+    /// The bytes on the wire, after compression.
+    pub wire_bytes: u64,
     pub pause_us: u64,
     pub duration_ms: u64,
 }
@@ -200,6 +205,7 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
         ok: outcome.ok,
         duration_ms,
         bytes: outcome.bytes,
+        wire_bytes: outcome.wire_bytes,
         data_bytes: outcome.stats.data_bytes,
         pause_us: outcome.pause_us,
         point: outcome.point.clone(),
@@ -257,6 +263,7 @@ fn failed(e: Error, started: Instant) -> Outcome {
         point: None,
         stats: Stats::default(),
         bytes: 0,
+        wire_bytes: 0,
         pause_us: 0,
         duration_ms: started.elapsed().as_millis() as u64,
     }
@@ -379,7 +386,7 @@ fn resynced(sd: &StateDir, cut: &crate::primary::track::cut::Cut, whole: bool, i
 
 fn cycle(tracker: &Tracker, st: &mut CycleState, opts: CycleOpts) -> Result<Outcome> {
     let rep = replication(tracker)?;
-    let mut link = transport::connect(&rep.target)?;
+    let mut link = transport::connect(&rep.target, &transport::Options::of(&rep))?;
     match exchange(tracker, st, &rep, &mut link, opts) {
         Ok(o) => {
             session::bye(link);
@@ -424,7 +431,7 @@ fn exchange(
             st.point = Some(l.id.clone());
         }
     }
-    st.in_flight = None;
+    let broke_off = st.in_flight.take().map(|f| f.generation);
     let theirs = w.latest.as_ref().map(|l| l.generation);
     if theirs != st.generation && !opts.resync {
         return Err(crate::ship::refused(
@@ -485,6 +492,8 @@ fn exchange(
         base: theirs,
         cut_id: &cut_id,
         resync,
+        // The receiver keeps what an attempt of the same generation staged.
+        resume: broke_off == Some(generation),
     };
     let source = source::CutSource::new(&cut);
     let r = session::send(
@@ -512,6 +521,10 @@ fn exchange(
         point: Some(point.id),
         stats,
         bytes: link.w.bytes,
+        wire_bytes: {
+            let _ = link.w.flush();
+            link.wire_bytes()
+        },
         pause_us,
         duration_ms: 0,
     })

@@ -149,9 +149,15 @@ impl Scheduler {
 fn log_outcome(o: &Outcome) {
     if o.ok {
         tracing::info!(
-            "cycle: {} ({} B sent, {} ms, pause {} us)",
+            "cycle: {} ({} B sent, {} B on the wire{}, {} ms, pause {} us)",
             o.message,
             o.bytes,
+            o.wire_bytes,
+            if o.wire_bytes > 0 && o.wire_bytes != o.bytes {
+                format!(", compressed {:.2}x", o.bytes as f64 / o.wire_bytes as f64)
+            } else {
+                String::new()
+            },
             o.duration_ms,
             o.pause_us
         );

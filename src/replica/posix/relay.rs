@@ -116,7 +116,7 @@ fn onward(r: &Replica, st: &mut RelayState, resync: bool) -> Result<(Option<Stri
         .latest()?
         .ok_or_else(|| Error::transient(format!("{} has no point yet", r.root.display())))?;
     let _pin_to = r.pin(&latest.id)?;
-    let mut link = transport::connect(&rep.target)?;
+    let mut link = transport::connect(&rep.target, &transport::Options::of(&rep))?;
     let hello = Hello {
         store_id: &r.cfg.store_id,
         block_size: r.cfg.block_size,
@@ -145,6 +145,7 @@ fn onward(r: &Replica, st: &mut RelayState, resync: bool) -> Result<(Option<Stri
             base: w.latest.as_ref().map(|l| l.generation),
             cut_id: &latest.cut_id,
             resync: from.is_none(),
+            resume: false,
         };
         let m = r.manifest(&latest.id)?;
         let (point, stats) = session::send(&mut link.w, &mut link.r, &c, &source, m, None)?;

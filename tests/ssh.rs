@@ -1,0 +1,621 @@
+//! Replication to another host over ssh, against a real OpenSSH server: the test starts
+//! Debian's `sshd` on 127.0.0.1 on a free port with its own host key, an `authorized_keys`
+//! whose keys carry the `drfs receive --restrict-to` command line README documents (and a
+//! few broken ones), a throwaway client key and known_hosts; it stops sshd by its pid at
+//! the end (a Drop guard) and removes everything it made.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::rep::same_tree;
+use common::*;
+
+/// A running sshd and the keys around it.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    /// Where restricted keys may keep replicas.
+    replicas: PathBuf,
+}
+
+fn keygen(path: &Path) -> String {
+    ok(Command::new(need("ssh-keygen"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "drfs-test", "-f"])
+        .arg(path));
+    std::fs::read_to_string(path.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Sshd {
+    fn start(root: &Path) -> Sshd {
+        let dir = root.join("sshd");
+        let replicas = root.join("replicas");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&replicas).unwrap();
+        // sshd's privilege separation needs it (the openssh-server unit makes it at boot).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let host = keygen(&dir.join("host_key"));
+        let good = keygen(&dir.join("id"));
+        let nobin = keygen(&dir.join("nobin"));
+        let noisy = keygen(&dir.join("noisy"));
+        keygen(&dir.join("wrong"));
+        let restricted = format!("{BIN} receive --restrict-to {}", replicas.display());
+        let keys = format!(
+            "command=\"{restricted}\",restrict {good}\n\
+             command=\"PATH=/nonexistent; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\",restrict {nobin}\n\
+             command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n"
+        );
+        std::fs::write(dir.join("authorized_keys"), keys).unwrap();
+        let port = free_port();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+             MaxStartups 100\nLogLevel VERBOSE\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("sshd_config"), cfg).unwrap();
+        let hk = host
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {hk}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("empty_known_hosts"), "").unwrap();
+        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+        let child = Command::new(need("sshd"))
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting sshd");
+        let s = Sshd {
+            child,
+            port,
+            dir,
+            replicas,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "sshd did not listen: {}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// The ssh client command with `key` and `known_hosts`, no user configuration.
+    fn client(&self, key: &str, known_hosts: &str) -> String {
+        format!(
+            "ssh -F /dev/null -i {d}/{key} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={d}/{known_hosts} -o GlobalKnownHostsFile=/dev/null",
+            d = self.dir.display()
+        )
+    }
+
+    fn target(&self, path: &Path) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.port, path.display())
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn protect(store: &Path, to: &str, ssh: &str) -> Output {
+    drfs()
+        .arg("protect")
+        .arg(store)
+        .args(["--to", to, "--interval", "manual", "--ssh-command", ssh])
+        .output()
+        .unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_store_replicates_to_another_host_over_ssh() {
+    let f = Fixture::new("ssh-round");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "mkdir -p {m}/vm1 && head -c 3000000 /dev/urandom > {m}/vm1/disk.img && truncate -s 64M {m}/vm1/sparse.img && echo hi > {m}/vm1/notes && ln -s disk.img {m}/vm1/link && seq 1 400000 > {m}/vm1/log.txt",
+        m = f.mnt.display()
+    ));
+    let client = sshd.client("id", "known_hosts");
+    let out = protect(&f.store, &sshd.target(&replica), &client);
+    assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
+    let shown = ok(drfs().arg("protect").arg(&f.store).arg("--show"));
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&sshd.target(&replica)), "{shown}");
+
+    let snaps = f.root.join("snaps");
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            sh(&format!(
+                "dd if=/dev/urandom of={m}/vm1/disk.img bs=64K count=3 seek={} conv=notrunc status=none && echo round{round} >> {m}/vm1/notes",
+                round * 7,
+                m = f.mnt.display()
+            ));
+        }
+        let out = drfs().arg("ship").arg(&f.store).output().unwrap();
+        assert!(out.status.success(), "ship: {out:?}\n{}", sshd.log());
+        eprintln!(
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        if round == 0 {
+            // zstd by default over ssh: the text file shrinks, the random one does not.
+            let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+            let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+            let c = &st["last_cycle"];
+            let (raw, wire) = (
+                c["bytes"].as_u64().unwrap(),
+                c["wire_bytes"].as_u64().unwrap(),
+            );
+            eprintln!("first cycle: {raw} bytes, {wire} on the wire");
+            assert!(wire > 0 && wire < raw * 9 / 10, "{c}");
+            let text = ok(drfs().arg("status").arg(&f.store));
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(text.contains("on the wire"), "{text}");
+        }
+        // `drfs points` runs where the replica is (here: the far side is this host).
+        let pts = ok(drfs().arg("points").arg(&replica).arg("--json"));
+        let pts: serde_json::Value = serde_json::from_slice(&pts.stdout).unwrap();
+        let id = pts[0]["id"].as_str().unwrap().to_string();
+        let dst = snaps.join(&id);
+        std::fs::create_dir_all(&dst).unwrap();
+        sh(&format!(
+            "cd {} && tar --sparse --exclude=./.drfs -cf - . | tar -C {} -xpf -",
+            f.store.display(),
+            dst.display()
+        ));
+        ids.push(id);
+    }
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        let got = f.root.join(format!("restored-{id}"));
+        ok(drfs()
+            .arg("restore")
+            .arg(&replica)
+            .args(["--point", id, "--to"])
+            .arg(&got));
+        same_tree(&snaps.join(id), &got, &format!("point {id} over ssh"));
+    }
+    // Browse over the replica, on its host.
+    let b = f.mountpoint("browse");
+    ok(drfs().arg("browse").arg(&replica).arg(&b));
+    let first = std::fs::read(b.join("points").join(&ids[0]).join("vm1/notes")).unwrap();
+    assert_eq!(first, b"hi\n");
+    release(&b);
+
+    // The store's status names the ssh replica and the last cycle.
+    let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+    let st = String::from_utf8_lossy(&st.stdout);
+    assert!(st.contains(&sshd.target(&replica)), "{st}");
+    // Commands that read a replica say where they must run.
+    let t = sshd.target(&replica);
+    for args in [
+        vec!["points", t.as_str()],
+        vec!["status", t.as_str()],
+        vec!["restore", t.as_str(), "--point", "x", "--to", "/tmp/x"],
+    ] {
+        let out = drfs().args(&args).output().unwrap();
+        assert_eq!(code(&out), 64, "{args:?}: {out:?}");
+        fails(out, "is on another host: run this on 127.0.0.1 with");
+    }
+    f.unmount();
+}
+
+/// `drfs protect` to a fresh store through `client`: its exit code and one-line error.
+fn bind_fails(f: &Fixture, sshd: &Sshd, name: &str, client: &str, to: &str) -> (i32, String) {
+    let store = f.root.join(format!("store-{name}"));
+    std::fs::create_dir_all(&store).unwrap();
+    let out = protect(&store, to, client);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("{name}: exit {} {err}", code(&out));
+    let _ = sshd;
+    assert!(!out.status.success(), "{name}: protect succeeded");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{name}: not one line: {err:?}"
+    );
+    (code(&out), err)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "runs sshd: needs root (see README)")]
+fn each_way_an_ssh_link_fails_has_its_own_error_and_exit_code() {
+    let f = Fixture::new("ssh-errors");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("r");
+    std::fs::create_dir(&replica).unwrap();
+    let to = sshd.target(&replica);
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "hostkey",
+        &sshd.client("id", "empty_known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(
+        e.contains("host key of 127.0.0.1 is unknown or has changed"),
+        "{e}"
+    );
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "wrongkey",
+        &sshd.client("wrong", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("refused this host's ssh key"), "{e}");
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "nobin",
+        &sshd.client("nobin", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("drfs is not installed on 127.0.0.1"), "{e}");
+
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "noisy",
+        &sshd.client("noisy", "known_hosts"),
+        &to,
+    );
+    assert_eq!(c, 2);
+    assert!(
+        e.contains("\"Welcome to the backup host\" instead of drfs's banner"),
+        "{e}"
+    );
+
+    // The restricted key serves nothing outside its directory.
+    let outside = f.root.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "outside",
+        &sshd.client("id", "known_hosts"),
+        &sshd.target(&outside),
+    );
+    assert_eq!(c, 2);
+    assert!(e.contains("is not a directory under"), "{e}");
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+
+    // Nothing listening: the network, worth a retry.
+    let dead = format!("ssh://root@127.0.0.1:{}{}", free_port(), replica.display());
+    let (c, e) = bind_fails(
+        &f,
+        &sshd,
+        "network",
+        &sshd.client("id", "known_hosts"),
+        &dead,
+    );
+    assert_eq!(c, 1);
+    assert!(e.contains("cannot reach 127.0.0.1"), "{e}");
+
+    // DRFS_SSH_COMMAND overrides the kept command: a good key through the environment.
+    let store = f.root.join("store-env");
+    std::fs::create_dir_all(&store).unwrap();
+    let out = drfs()
+        .arg("protect")
+        .arg(&store)
+        .args([
+            "--to",
+            &to,
+            "--interval",
+            "manual",
+            "--ssh-command",
+            "false",
+        ])
+        .env("DRFS_SSH_COMMAND", sshd.client("id", "known_hosts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", sshd.log());
+    assert!(replica.join(".drfs").is_dir());
+}
+
+/// Bytes allocated to the blocks `drfs receive` staged in `replica` (its `incoming/`).
+fn staged(replica: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(replica.join(".drfs/incoming"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".data"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The ssh client processes talking to `port` (started by the store's daemon).
+fn ssh_clients(port: u16) -> Vec<i32> {
+    let port = port.to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_ssh = args.first().is_some_and(|a| a == "ssh")
+            && args.windows(2).any(|w| w[0] == "-p" && w[1] == port)
+            && args.iter().any(|a| a.starts_with("drfs receive"));
+        if is_ssh {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_link_killed_mid_cycle_resumes_without_resending_what_was_staged() {
+    const MIB: u64 = 1 << 20;
+    const CHANGED: u64 = 384 * MIB;
+    let f = Fixture::new("ssh-drop");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s {CHANGED} {}",
+        f.m("disk.img").display()
+    ));
+    // Plain, so what travels is what is staged.
+    let client = sshd.client("id", "known_hosts");
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--to", &sshd.target(&replica), "--interval", "manual"])
+        .args(["--ssh-command", &client, "--compress", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ok(drfs().arg("ship").arg(&f.store));
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count={} conv=notrunc,fsync status=none",
+        f.m("disk.img").display(),
+        CHANGED / MIB
+    ));
+
+    // A cycle of 384 MiB of changed blocks; its ssh is killed once 48 MiB are staged.
+    let mut ship = drfs()
+        .arg("ship")
+        .arg(&f.store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(120);
+    let mut killed = Vec::new();
+    while killed.is_empty() {
+        assert!(Instant::now() < end, "the cycle never staged 48 MiB");
+        assert!(
+            ship.try_wait().unwrap().is_none(),
+            "the cycle ended before the link could be cut"
+        );
+        if staged(&replica) >= 48 * MIB {
+            for pid in ssh_clients(sshd.port) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed.push(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = ship.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the cut cycle: exit {}: {}", code(&out), err.trim());
+    assert_eq!(code(&out), 1, "a dropped link is worth a retry: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    // The receiver ends when its stdin closes; wait until it let go of the replica.
+    let lock = std::fs::File::open(&replica).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        assert!(Instant::now() < end, "the far receiver did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(lock);
+    let kept = staged(&replica);
+
+    let out = ok(drfs().arg("ship").arg(&f.store));
+    let cycle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.store.join(".drfs/cycle.json")).unwrap()).unwrap();
+    let sent = cycle["last"]["data_bytes"].as_u64().unwrap();
+    let resent = sent.saturating_sub(CHANGED - kept.min(CHANGED));
+    eprintln!(
+        "link cut (ssh pid {killed:?}): changed {} MiB; staged on the replica when it dropped {:.1} MiB; the next cycle sent {:.1} MiB of data: {:.2} MiB ({resent} bytes) resent\n{}",
+        CHANGED / MIB,
+        kept as f64 / MIB as f64,
+        sent as f64 / MIB as f64,
+        resent as f64 / MIB as f64,
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(kept >= 48 * MIB, "only {kept} bytes kept staged");
+    // At most what was in flight: the pipes, and the last 64 blocks' index records.
+    assert!(resent <= 16 * MIB, "{resent} bytes resent");
+    // And the point is the primary's file, exactly.
+    let pts = ok(drfs().arg("points").arg(&replica).arg("--json"));
+    let pts: serde_json::Value = serde_json::from_slice(&pts.stdout).unwrap();
+    let id = pts[0]["id"].as_str().unwrap();
+    let got = f.root.join("restored");
+    ok(drfs()
+        .arg("restore")
+        .arg(&replica)
+        .args(["--point", id, "--to"])
+        .arg(&got));
+    sh(&format!(
+        "cmp {} {}",
+        f.s("disk.img").display(),
+        got.join("disk.img").display()
+    ));
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_bandwidth_cap_holds_over_ten_second_windows_and_status_says_when_cycles_overrun() {
+    const MIB: u64 = 1 << 20;
+    const RATE: u64 = 6 * MIB;
+    const CHANGED: u64 = 150 * MIB;
+    let f = Fixture::new("ssh-bwlimit");
+    let sshd = Sshd::start(&f.root);
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s {CHANGED} {}",
+        f.m("disk.img").display()
+    ));
+    let client = sshd.client("id", "known_hosts");
+    let out = drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--to", &sshd.target(&replica), "--interval", "manual"])
+        .args(["--expect-every", "10s", "--ssh-command", &client])
+        .args(["--compress", "none", "--bwlimit", "6M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ok(drfs().arg("ship").arg(&f.store));
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count={} conv=notrunc,fsync status=none",
+        f.m("disk.img").display(),
+        CHANGED / MIB
+    ));
+    let t0 = Instant::now();
+    let mut ship = drfs()
+        .arg("ship")
+        .arg(&f.store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What arrived, every 250 ms, as the receiver staged it.
+    let mut samples = Vec::new();
+    while ship.try_wait().unwrap().is_none() {
+        samples.push((t0.elapsed().as_secs_f64(), staged(&replica)));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = ship.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let took = t0.elapsed().as_secs_f64();
+    // Every 10 s window between the first MiB and the last 2 MiB (pipes filling and
+    // draining), one second apart.
+    let busy: Vec<(f64, u64)> = samples
+        .iter()
+        .copied()
+        .filter(|&(_, b)| b > MIB && b < CHANGED - 2 * MIB)
+        .collect();
+    let mut rates = Vec::new();
+    for &(t, b) in &busy {
+        if let Some(&(t2, b2)) = busy.iter().find(|(t2, _)| *t2 >= t + 10.0) {
+            if rates.len() < 100
+                && (rates.is_empty() || t >= rates.last().map_or(0.0, |r: &(f64, f64)| r.0) + 1.0)
+            {
+                rates.push((t, (b2 - b) as f64 / (t2 - t)));
+            }
+        }
+    }
+    let dev: Vec<f64> = rates
+        .iter()
+        .map(|r| (r.1 / RATE as f64 - 1.0) * 100.0)
+        .collect();
+    let worst = dev.iter().fold(0.0f64, |a, d| a.max(d.abs()));
+    eprintln!(
+        "--bwlimit 6M (6 MiB/s): {} MiB in {took:.1} s = {:.3} MiB/s overall; {} windows of 10 s: {}; worst {worst:.1} %",
+        CHANGED / MIB,
+        CHANGED as f64 / MIB as f64 / took,
+        rates.len(),
+        rates
+            .iter()
+            .zip(&dev)
+            .map(|((t, r), d)| format!("{t:.0}s {:.2} MiB/s ({d:+.1} %)", r / MIB as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(rates.len() >= 5, "too few windows: {samples:?}");
+    // Reported precisely above; asserted generously (the machine is shared).
+    assert!(worst < 30.0, "a 10 s window off by {worst:.1} %");
+    let overall = CHANGED as f64 / took / RATE as f64;
+    assert!(overall < 1.1, "the cap did not hold: {overall:.2} of it");
+
+    // The cycle took longer than the expected cadence: status says so, at the cap.
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=12 conv=notrunc,fsync status=none",
+        f.m("disk.img").display()
+    ));
+    let st = ok(drfs().arg("status").arg(&f.store));
+    let text = String::from_utf8_lossy(&st.stdout);
+    eprintln!("{text}");
+    assert!(text.contains("at 6.0 MiB/s; interval 10 s"), "{text}");
+    assert!(text.contains("at the cap of 6.0 MiB/s"), "{text}");
+    let st = ok(drfs().arg("status").arg(&f.store).arg("--json"));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let eta = st["eta_at_cap_s"].as_f64().unwrap();
+    assert!((eta - 2.0).abs() < 0.1, "{st}");
+    f.unmount();
+}
