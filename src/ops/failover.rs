@@ -249,13 +249,11 @@ fn promote(
 /// on replicating to C as a primary: its cycles build on that point.
 fn continue_onward(r: &Replica, latest: &PointInfo) -> Result<()> {
     let relay = crate::replica::posix::relay::RelayState::load(r)?;
-    if relay.point.as_deref() != Some(latest.id.as_str()) && relay.point.is_some() {
-        if let Some(held) = &relay.point {
-            tracing::warn!(
-                "the onward replica holds point {held}, not {}: its next cycle needs `drfs ship --resync`",
-                latest.id
-            );
-        }
+    if let Some(held) = relay.point.as_deref().filter(|p| *p != latest.id) {
+        tracing::warn!(
+            "the onward replica holds point {held}, not {}: its next cycle needs `drfs ship --resync`",
+            latest.id
+        );
         return Ok(());
     }
     let (Some(id), Some(generation)) = (relay.replica_id, relay.generation) else {

@@ -12,10 +12,10 @@
 
 use std::fs;
 
-use crate::error::{At, Error, Result};
+use crate::error::{At, Result};
 use crate::model::manifest::point_id;
-use crate::model::{Kind, Manifest, Origin, PointInfo};
-use crate::replica::posix::{Replica, hashes, pieces};
+use crate::model::{Kind, Manifest, PointInfo};
+use crate::replica::posix::{Replica, hashes, pieces, publish_point};
 use crate::state::StateDir;
 use crate::sys;
 
@@ -63,32 +63,12 @@ pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo>
             fs::remove_dir_all(&p).at(&p)?;
         }
     }
-    let id = point_id(m.generation);
-    let dir = sd.path(&format!("points/{id}"));
+    let dir = sd.path(&format!("points/{}", point_id(m.generation)));
     if dir.exists() {
         fs::remove_dir_all(&dir).at(&dir)?;
     }
-    fs::create_dir_all(&dir).at(&dir)?;
-    let mp = dir.join("manifest.json");
-    let body = serde_json::to_vec(m).map_err(Error::encode)?;
-    sys::write_atomic(&mp, &body).at(&mp)?;
-    let info = PointInfo {
-        id: id.clone(),
-        time: m.time.clone(),
-        consistency: m.consistency,
-        generation: m.generation,
-        files: m.entries.iter().filter(|e| e.kind == Kind::File).count(),
-        bytes_changed: 0,
-        time_ns: m.time_ns,
-        cut_id: m.cut_id.clone(),
-        diverged: matches!(m.origin, Some(Origin::Diverged { .. })),
-        restores: None,
-    };
-    let ip = dir.join("point.json");
-    let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;
-    sys::write_atomic(&ip, &body).at(&ip)?;
-    let lp = sd.path("latest");
-    sys::write_atomic(&lp, id.as_bytes()).at(&lp)?;
+    let files = m.entries.iter().filter(|e| e.kind == Kind::File).count();
+    let info = publish_point(sd, m, files, 0)?;
     sys::fsync_dir(&sd.path("")).at(&sd.path(""))?;
     Ok(info)
 }

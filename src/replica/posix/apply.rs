@@ -26,9 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{At, Error, Result};
 use crate::model::FileId;
 use crate::model::PointInfo;
-use crate::model::manifest::point_id;
 use crate::model::relpath::RelPath;
-use crate::model::{Entry, Kind, Manifest, Origin};
+use crate::model::{Entry, Kind, Manifest};
 use crate::replica::posix::Replica;
 use crate::replica::posix::incoming::Incoming;
 use crate::replica::posix::pieces::{self, Pieces};
@@ -679,33 +678,7 @@ fn meta(r: &Replica, plan: &Plan) -> Result<()> {
 }
 
 fn publish(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<PointInfo> {
-    let m = &plan.new;
-    let id = point_id(m.generation);
-    let dir = r.point_dir(&id);
-    fs::create_dir_all(&dir).at(&dir)?;
-    let mp = dir.join("manifest.json");
-    let body = serde_json::to_vec(m).map_err(Error::encode)?;
-    sys::write_atomic(&mp, &body).at(&mp)?;
-    let info = PointInfo {
-        id: id.clone(),
-        time: crate::model::fmt::rfc3339_ns(i128::from(m.time_ns)),
-        consistency: m.consistency,
-        generation: m.generation,
-        files: plan.new_files.len(),
-        bytes_changed: inc.bytes(),
-        time_ns: m.time_ns,
-        cut_id: m.cut_id.clone(),
-        diverged: matches!(m.origin, Some(Origin::Diverged { .. })),
-        restores: match &m.origin {
-            Some(Origin::Restores { point }) => Some(point.clone()),
-            _ => None,
-        },
-    };
-    let ip = dir.join("point.json");
-    let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;
-    sys::write_atomic(&ip, &body).at(&ip)?;
-    r.set_latest(&id)?;
-    Ok(info)
+    crate::replica::posix::publish_point(&r.sd, &plan.new, plan.new_files.len(), inc.bytes())
 }
 
 /// The ids a point's undo record holds (for tests and inspection).

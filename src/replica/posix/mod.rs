@@ -32,6 +32,47 @@ use crate::state::{Config, Role, StateDir};
 use crate::sys;
 use tree::Tree;
 
+/// Writes point `m` of a replica in `sd` (`points/<id>/manifest.json` and `point.json`,
+/// its summary: `files` files, `bytes` changed) and makes it the latest.
+pub(crate) fn publish_point(
+    sd: &StateDir,
+    m: &Manifest,
+    files: usize,
+    bytes: u64,
+) -> Result<PointInfo> {
+    let id = crate::model::manifest::point_id(m.generation);
+    let dir = sd.path(&format!("points/{id}"));
+    std::fs::create_dir_all(&dir).at(&dir)?;
+    let mp = dir.join("manifest.json");
+    let body = serde_json::to_vec(m).map_err(Error::encode)?;
+    sys::write_atomic(&mp, &body).at(&mp)?;
+    let info = PointInfo {
+        id: id.clone(),
+        time: crate::model::fmt::rfc3339_ns(i128::from(m.time_ns)),
+        consistency: m.consistency,
+        generation: m.generation,
+        files,
+        bytes_changed: bytes,
+        time_ns: m.time_ns,
+        cut_id: m.cut_id.clone(),
+        diverged: matches!(m.origin, Some(crate::model::Origin::Diverged { .. })),
+        restores: match &m.origin {
+            Some(crate::model::Origin::Restores { point }) => Some(point.clone()),
+            _ => None,
+        },
+    };
+    let ip = dir.join("point.json");
+    let body = serde_json::to_vec_pretty(&info).map_err(Error::encode)?;
+    sys::write_atomic(&ip, &body).at(&ip)?;
+    set_latest(sd, &id)?;
+    Ok(info)
+}
+
+fn set_latest(sd: &StateDir, id: &str) -> Result<()> {
+    let p = sd.path("latest");
+    sys::write_atomic(&p, id.as_bytes()).at(&p)
+}
+
 pub struct Replica {
     pub root: PathBuf,
     pub sd: StateDir,
@@ -200,11 +241,6 @@ impl Replica {
             },
         })?;
         serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))
-    }
-
-    pub(crate) fn set_latest(&self, id: &str) -> Result<()> {
-        let p = self.sd.path("latest");
-        sys::write_atomic(&p, id.as_bytes()).at(&p)
     }
 
     /// Applies the retention policy: drops points it does not keep. The oldest point goes

@@ -91,14 +91,13 @@ pub fn differing(
     want: &Manifest,
     now: &Manifest,
 ) -> Result<BTreeMap<FileId, Vec<[u64; 2]>>> {
-    let (to, latest) = (lo, hi);
     let bs = r.cfg.block_size;
     let mut held: BTreeMap<FileId, BTreeSet<u64>> = BTreeMap::new();
     let mut whole: BTreeSet<FileId> = BTreeSet::new();
     let later = r
         .points()?
         .into_iter()
-        .filter(|p| p.generation >= to.generation && p.generation < latest.generation);
+        .filter(|p| p.generation >= lo.generation && p.generation < hi.generation);
     for p in later {
         let idx = UndoIndex::load(&r.undo_dir(&p.id))?;
         for (id, f) in idx.files {
