@@ -313,6 +313,22 @@ impl StateDir {
         Ok(cfg)
     }
 
+    /// Records (or clears) a planned failover's lock of this primary to `replica`;
+    /// an existing lock keeps its time.
+    pub fn set_locked(&self, replica: Option<&str>) -> Result<()> {
+        let mut cfg = self.config()?;
+        let want = match (replica, cfg.locked.take()) {
+            (None, _) => None,
+            (Some(r), Some(l)) if l.replica == r => Some(l),
+            (Some(r), _) => Some(Locked {
+                replica: r.to_string(),
+                time: crate::model::fmt::rfc3339_now(),
+            }),
+        };
+        cfg.locked = want;
+        self.write_config(&cfg)
+    }
+
     pub fn write_config(&self, cfg: &Config) -> Result<()> {
         let p = self.path("state.toml");
         let body = toml::to_string(cfg).map_err(Error::encode)?;

@@ -351,6 +351,60 @@ fn fsx_block_mode_on_a_preallocated_image() {
     f.unmount();
 }
 
+/// `drfs mount --store-io direct`: buffered clients' I/O goes to O_DIRECT store
+/// descriptors (seen in the daemon's fdinfo), unaligned I/O falls back to the buffered
+/// twin, and fsx and fio's buffered verify pass on it. And every mount raises the
+/// kernel's FUSE request cap to 1024 pages.
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn the_direct_store_io_option_passes_fsx_and_a_buffered_fio_verify() {
+    let f = Fixture::new("storeio");
+    f.mount(&["--store-io", "direct"]);
+    let limit = fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit").unwrap();
+    assert!(limit.trim().parse::<u32>().unwrap() >= 1024, "{limit}");
+    let file = fs::File::create(f.m("probe.dat")).unwrap();
+    let pid = daemons_of(&f.mnt)[0];
+    let direct_fds = fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let info = fs::read_to_string(e.path()).ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+            let target =
+                fs::read_link(format!("/proc/{pid}/fd/{}", e.file_name().to_str()?)).ok()?;
+            (target == f.s("probe.dat") && flags & libc::O_DIRECT as u32 != 0).then_some(())
+        })
+        .count();
+    assert!(
+        direct_fds > 0,
+        "no O_DIRECT store descriptor for a buffered open"
+    );
+    drop(file);
+    let art = f.root.join("fsx-art");
+    fs::create_dir(&art).unwrap();
+    let out = ok(Command::new(need("fsx"))
+        .args(["-N", "15000", "-S", "7", "-P"])
+        .arg(&art)
+        .arg(f.m("fsx.dat")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("A-OK"));
+    fio(
+        &f.mnt,
+        &[
+            "--name=v_buf_direct",
+            "--filename=v_buf.dat",
+            "--size=64M",
+            "--rw=randwrite",
+            "--bs=1M",
+            "--ioengine=psync",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ],
+    );
+    f.unmount();
+}
+
 const PJD_CONF: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimensat = {}\nrename_ctime = {}\n\
 [settings]\nnaptime = 0.01\nallow_remount = false\n\
 [dummy_auth]\nentries = [ [\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"] ]\n";

@@ -351,15 +351,124 @@ fn bad_input_to_failover_is_one_line_and_changes_nothing() {
     fails(out, "not failed over");
     let out = failover(&r.f.root.join("nowhere"), &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    // A planned failover of a mounted store is refused, and leaves it mounted, unlocked.
+    // A planned failover of a mounted store with a file open for writing is refused,
+    // names the file, and leaves the store mounted, unlocked and writable.
     r.f.mount(&[]);
+    let vm = fs::OpenOptions::new()
+        .write(true)
+        .open(r.f.m("disk.raw"))
+        .unwrap();
     let out = failover(&r.f.store, &["--planned"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    fails(out, "is mounted at");
+    fails(out, "open for writing through the mount at");
+    let cfg = fs::read_to_string(r.f.s(".drfs/state.toml")).unwrap();
+    assert!(!cfg.contains("[locked]"), "{cfg}");
+    std::os::unix::fs::FileExt::write_all_at(&vm, &[7u8; 4096], 0).unwrap();
+    drop(vm);
     random_at(&r.f.m("disk.raw"), 0, M);
     r.ship();
     r.f.unmount();
     same_tree_excluding_state(&r.f.store, &r.replica, "after the refusals");
+}
+
+/// An operation on a locked mount: refused with EROFS.
+fn read_only(what: &str, r: std::io::Result<impl Sized>) {
+    match r {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}"),
+        Ok(_) => panic!("{what} succeeded on a locked mount"),
+    }
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_planned_failover_of_a_mounted_store_locks_it_read_only_and_ends_its_mount() {
+    for fault in [
+        "planned:locked",
+        "planned:promoted",
+        "planned:unmounted",
+        "",
+    ] {
+        let r = Rep::new("plannedmounted", "manual", "all:1d");
+        let disk = r.f.m("disk.raw");
+        sparse(&disk, 256 * M);
+        random_at(&disk, 0, 8 * M);
+        r.ship();
+        // Written, not shipped: the final cycle ships it.
+        random_at(&disk, 16 * M, 2 * M);
+        fs::write(r.f.m("notes.txt"), b"last words\n").unwrap();
+        // A reader (a backup agent) keeps a file open: the lock does not wait for it,
+        // the end of the mount does.
+        let reader =
+            (fault != "planned:unmounted").then(|| fs::File::open(r.f.m("notes.txt")).unwrap());
+        if !fault.is_empty() {
+            killed_at(
+                &[os("failover"), r.f.store.as_os_str(), os("--planned")],
+                fault,
+            );
+            one_accepting_primary(&r);
+        }
+        if fault == "planned:locked" {
+            // Locked: the mount serves reads and refuses every change.
+            assert_eq!(fs::read(r.f.m("notes.txt")).unwrap(), b"last words\n");
+            read_only(
+                "open for writing",
+                fs::OpenOptions::new().write(true).open(&disk),
+            );
+            read_only("create", fs::File::create(r.f.m("new.txt")));
+            read_only("mkdir", fs::create_dir(r.f.m("dir")));
+            read_only("rename", fs::rename(r.f.m("notes.txt"), r.f.m("n.txt")));
+            read_only("unlink", fs::remove_file(r.f.m("notes.txt")));
+            read_only(
+                "truncate",
+                sh_result(&format!("truncate -s 0 {}", disk.display())),
+            );
+            let out = ok(drfs().arg("status").arg(&r.f.store));
+            assert!(stdout(&out).contains("locked"), "{}", stdout(&out));
+        }
+        if fault != "planned:unmounted" {
+            // The reader holds the old primary's mount: the switch waits for it.
+            let out = failover(&r.f.store, &["--planned"]).output().unwrap();
+            fails(out, "cannot end yet");
+            assert!(is_mounted(&r.f.mnt));
+            one_accepting_primary(&r);
+        }
+        drop(reader);
+        let out = ok(&mut failover(&r.f.store, &["--planned"]));
+        println!("{fault}: {}", stdout(&out).trim());
+        assert!(
+            !is_mounted(&r.f.mnt),
+            "{fault}: the old primary is still mounted"
+        );
+        same_tree_excluding_state(&r.f.store, &r.replica, fault);
+        assert_eq!(
+            fs::read(r.replica.join("notes.txt")).unwrap(),
+            b"last words\n"
+        );
+        let st = status_json(&r.f.store);
+        assert_eq!(st["role"], "demoted", "{st}");
+        // The new primary's cycles flow back, with no resync.
+        let mnt2 = r.f.mountpoint("mnt2");
+        ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+        random_at(&mnt2.join("disk.raw"), 32 * M, M);
+        let (sent, _) = ship_sent(&r.replica);
+        assert!(sent < 2 * M, "{fault}: {sent} bytes sent for 1 MiB written");
+        ok(drfs().arg("unmount").arg(&mnt2));
+        same_tree_excluding_state(&r.replica, &r.f.store, fault);
+    }
+}
+
+/// A shell command's outcome as an io::Result carrying its errno (from its message).
+fn sh_result(script: &str) -> std::io::Result<()> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Read-only file system"), "{err}");
+    Err(std::io::Error::from_raw_os_error(libc::EROFS))
 }
 
 /// Runs `drfs ARGS` with `DRFS_FAULT=fault`: it must die of it (SIGKILL).

@@ -49,6 +49,16 @@ pub enum Cmd {
         /// default.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
+        /// How buffered clients' I/O reaches the store: `buffered` (through the host page
+        /// cache: re-reads are cached) or `direct` (O_DIRECT where the store allows, as
+        /// qemu's cache=none: no second cached copy). O_DIRECT clients always go direct.
+        #[arg(long, default_value = "buffered", value_name = "buffered|direct")]
+        store_io: crate::primary::passthrough::fs::StoreIo,
+        /// Raise the kernel's FUSE request cap (fs.fuse.max_pages_limit, host-wide) to this
+        /// many pages before mounting, so 1 MiB requests from buffers not page-aligned
+        /// arrive whole; 0 leaves it.
+        #[arg(long, default_value_t = crate::fuse::serve::DEFAULT_MAX_PAGES, value_name = "PAGES")]
+        fuse_max_pages: u32,
     },
     /// Unmount MOUNTPOINT and wait until the daemon has stopped cleanly.
     Unmount {

@@ -53,6 +53,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             foreground,
             no_track,
             metrics_listen,
+            store_io,
+            fuse_max_pages,
         } => mount(MountOpts {
             store,
             mountpoint,
@@ -62,6 +64,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             foreground,
             track: !no_track,
             metrics_listen,
+            store_io,
+            max_pages: fuse_max_pages,
         }),
         Cmd::Unmount { mountpoint, lazy } => {
             ops::mount::unmount(&mountpoint, lazy)?;

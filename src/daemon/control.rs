@@ -29,7 +29,29 @@ pub enum Request {
     Note {
         line: String,
     },
+    /// A planned failover to `replica` begins: turn the store read-only unless files
+    /// are open for writing (the reply names them: `LockReply`).
+    Lock {
+        replica: String,
+    },
+    /// The planned failover failed before the switch: accept writes again.
+    Unlock,
 }
+
+/// The answer to `Lock`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LockReply {
+    /// The store is read-only now.
+    pub locked: bool,
+    /// Files open for writing through the mount (then nothing was locked).
+    #[serde(default)]
+    pub open_writers: Vec<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// What the daemon does for a lock request: `Some(replica)` locks, `None` unlocks.
+pub type LockFn = Arc<dyn Fn(Option<String>) -> LockReply + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShipReply {
@@ -74,6 +96,7 @@ pub fn serve(
     path: PathBuf,
     sched: Arc<Scheduler>,
     status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    lock: LockFn,
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
@@ -84,11 +107,11 @@ pub fn serve(
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (sched, status) = (sched.clone(), status.clone());
+                let (sched, status, lock) = (sched.clone(), status.clone(), lock.clone());
                 let _ = std::thread::Builder::new()
                     .name("control-req".into())
                     .spawn(move || {
-                        if let Err(e) = answer(conn, &sched, &*status) {
+                        if let Err(e) = answer(conn, &sched, &*status, &*lock) {
                             tracing::warn!("control request: {e}");
                         }
                     });
@@ -102,6 +125,7 @@ fn answer(
     conn: UnixStream,
     sched: &Scheduler,
     status: &dyn Fn() -> serde_json::Value,
+    lock: &dyn Fn(Option<String>) -> LockReply,
 ) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
@@ -128,6 +152,10 @@ fn answer(
             sched.poke();
             serde_json::json!({"ok": true})
         }
+        Ok(Request::Lock { replica }) => {
+            serde_json::to_value(lock(Some(replica))).unwrap_or_default()
+        }
+        Ok(Request::Unlock) => serde_json::to_value(lock(None)).unwrap_or_default(),
         Err(e) => serde_json::json!({"error": e.to_string()}),
     };
     let mut w = &conn;

@@ -16,7 +16,7 @@ use crate::error::{At, Result};
 use crate::fuse::daemon::Ready;
 use crate::fuse::serve::{Options, Starting};
 use crate::primary::cycle::schedule::Scheduler;
-use crate::primary::passthrough::fs::{self, DrFs};
+use crate::primary::passthrough::fs::{self, DrFs, StoreIo};
 use crate::primary::track::Tracker;
 use crate::primary::track::run;
 use crate::state::StateDir;
@@ -34,6 +34,10 @@ pub struct DaemonOpts {
     pub status: StatusFn,
     /// Where to serve `GET /metrics` (none: nowhere).
     pub metrics_listen: Option<String>,
+    /// How buffered clients reach the store.
+    pub store_io: StoreIo,
+    /// `fs.fuse.max_pages_limit` to raise to before mounting (0: leave it).
+    pub max_pages: u32,
 }
 
 /// The store daemon's log.
@@ -60,10 +64,12 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
         tracker.clone(),
         fs::Options {
             impersonate: unsafe { libc::geteuid() } == 0,
+            store_io: o.store_io,
         },
     )
     .at(store);
     let drfs = start.check(drfs)?;
+    let writers = Arc::new(drfs.open_writers());
     let opts = Options {
         fsname: format!(
             "{}{}",
@@ -73,6 +79,7 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
         read_only: false,
         allow_other: o.allow_other,
         threads: o.threads,
+        max_pages: o.max_pages,
     };
     let served = start.mount(drfs, mnt, store, &opts)?;
     let mut watcher = None;
@@ -90,7 +97,8 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
             let path = control::socket_path(&t.config().store_id);
             let (t2, sd2, status) = (t.clone(), sd.clone(), o.status.clone());
             let answer = Arc::new(move || status(&sd2, &t2));
-            if let Err(e) = control::serve(path.clone(), sched.clone(), answer) {
+            let lock = lockdown(sd.clone(), t.clone(), writers);
+            if let Err(e) = control::serve(path.clone(), sched.clone(), answer, lock) {
                 tracing::error!("control socket: {e}");
             }
             (Some(sched), Some(path))
@@ -132,6 +140,47 @@ fn track(o: &DaemonOpts, store: &Path, mnt: &Path) -> Result<(Option<Arc<Tracker
     let lock = run::lock(&sd)?;
     crate::fuse::daemon::log_to(&log_path(&sd));
     Ok((Some(Arc::new(Tracker::start(sd, cfg, mnt)?)), Some(lock)))
+}
+
+/// Locks the store for a planned failover (read-only through the mount, `[locked]` in
+/// its state), unless files are open for writing; or unlocks it.
+fn lockdown(
+    sd: StateDir,
+    t: Arc<Tracker>,
+    writers: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+) -> control::LockFn {
+    Arc::new(move |replica: Option<String>| {
+        let Some(replica) = replica else {
+            t.unlock_writes();
+            let error = sd.set_locked(None).err().map(|e| e.to_string());
+            tracing::info!(
+                "unlocked: the planned failover did not happen; writes are accepted again"
+            );
+            return control::LockReply {
+                error,
+                ..Default::default()
+            };
+        };
+        let open_writers = t.lock_writes(&*writers);
+        if !open_writers.is_empty() {
+            return control::LockReply {
+                open_writers,
+                ..Default::default()
+            };
+        }
+        if let Err(e) = sd.set_locked(Some(&replica)) {
+            t.unlock_writes();
+            return control::LockReply {
+                error: Some(e.to_string()),
+                ..Default::default()
+            };
+        }
+        tracing::info!("locked for a planned failover to {replica}: the mount is read-only");
+        control::LockReply {
+            locked: true,
+            ..Default::default()
+        }
+    })
 }
 
 /// What the HTTP listener serves: `/metrics` and the status page at `/`.

@@ -23,6 +23,8 @@ use crate::fuse::mountinfo;
 
 /// Threads serving FUSE requests: enough for a queue depth of 16 to reach the disk.
 pub const DEFAULT_THREADS: usize = 16;
+/// The FUSE request cap drfs mounts raise the kernel's to (4 MiB of 4 KiB pages).
+pub const DEFAULT_MAX_PAGES: u32 = 1024;
 
 /// How a filesystem is mounted.
 pub struct Options {
@@ -32,6 +34,8 @@ pub struct Options {
     /// Users other than the one mounting may use it (qemu as libvirt-qemu).
     pub allow_other: bool,
     pub threads: usize,
+    /// `fs.fuse.max_pages_limit` to raise to before mounting (0: leave it).
+    pub max_pages: u32,
 }
 
 /// A daemon on its way up: its stop signals are blocked and its parent waits.
@@ -71,6 +75,7 @@ impl Starting {
         backing: &Path,
         o: &Options,
     ) -> Result<Serving<FS>> {
+        raise_max_pages(o.max_pages);
         let mut cfg = fuser::Config::default();
         cfg.mount_options = vec![
             fuser::MountOption::FSName(o.fsname.clone()),
@@ -121,6 +126,27 @@ impl<FS: Filesystem> Serving<FS> {
             Err(e) => tracing::error!("{e}"),
         }
         r
+    }
+}
+
+const MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
+
+/// Raises the kernel's cap on a FUSE request (`fs.fuse.max_pages_limit`, 256 pages by
+/// default) to `pages` before mounting, so a client's 1 MiB buffer that does not start
+/// on a page boundary (fio's, many others') arrives as one request, not a 1 MiB − 16 B
+/// one and a 16 B one. 0, or a limit already as high: left as it is. A host-wide
+/// setting: it only lets FUSE requests be larger, for every FUSE mount made after it.
+fn raise_max_pages(pages: u32) {
+    let Ok(text) = std::fs::read_to_string(MAX_PAGES_LIMIT) else {
+        return;
+    };
+    let now: u32 = text.trim().parse().unwrap_or(u32::MAX);
+    if pages == 0 || now >= pages {
+        return;
+    }
+    match std::fs::write(MAX_PAGES_LIMIT, pages.to_string()) {
+        Ok(()) => tracing::info!("raised fs.fuse.max_pages_limit from {now} to {pages}"),
+        Err(e) => tracing::info!("fs.fuse.max_pages_limit stays {now}: {e}"),
     }
 }
 

@@ -48,6 +48,11 @@ impl<T> Table<T> {
         self.map.read().get(&fh).cloned()
     }
 
+    /// Every open object, at this moment.
+    pub fn values(&self) -> Vec<Arc<T>> {
+        self.map.read().values().cloned().collect()
+    }
+
     pub fn remove(&self, fh: u64) -> Option<Arc<T>> {
         self.map.write().remove(&fh)
     }

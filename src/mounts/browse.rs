@@ -603,6 +603,7 @@ pub fn serve(
         read_only: true,
         allow_other,
         threads: DEFAULT_THREADS,
+        max_pages: crate::fuse::serve::DEFAULT_MAX_PAGES,
     };
     let served = start.mount(Browse::new(Arc::new(r)), mnt, replica, &opts)?;
     served.serve(&format!(

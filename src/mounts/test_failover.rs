@@ -848,6 +848,7 @@ pub fn serve(
         read_only: false,
         allow_other,
         threads: DEFAULT_THREADS,
+        max_pages: crate::fuse::serve::DEFAULT_MAX_PAGES,
     };
     let served = start.mount(fs, at, replica, &opts)?;
     let result = served.serve(&format!(

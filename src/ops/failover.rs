@@ -7,21 +7,24 @@
 //!   (`primary::track::seed`), and `state.toml` makes it a primary with a `promoted`
 //!   record and a new epoch. Until `--commit` it may be run again with another point,
 //!   as long as the promoted store has not been mounted (its writes would be lost).
-//! - **Planned** (`drfs failover STORE --planned`, on the healthy primary, unmounted):
-//!   the store is locked (`drfs mount` refuses it), a final cycle ships, the replica's
-//!   latest point is checked to be the store's state, the replica is promoted with
-//!   replication back to the old primary, and the old primary becomes its replica with
-//!   the same point (`replica::posix::adopt`): the next cycle ships only new writes.
+//! - **Planned** (`drfs failover STORE --planned`, on the healthy primary): the store
+//!   is locked (a mounted one turns read-only through its daemon, refused while files
+//!   are open for writing; `drfs mount` refuses a locked store), a final cycle ships,
+//!   the replica's latest point is checked to be the store's state, the replica is
+//!   promoted with replication back to the old primary, the old primary's mount ends,
+//!   and it becomes its replica with the same point (`replica::posix::adopt`): the next
+//!   cycle ships only new writes.
 //!
 //! Crash safety: each step is idempotent and the switch of each side is one atomic
 //! `state.toml` write, in the order lock old, promote new, demote old; running the same
 //! command again after a crash at any step completes it. A locked primary is never
-//! mounted, and a promoted replica refuses every cycle (`Replica::refuse_if_promoted`):
+//! mounted writable, and a promoted replica refuses every cycle (`Replica::refuse_if_promoted`):
 //! there are never two primaries that both accept cycles.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::daemon::control;
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_now;
 use crate::model::lineage::{Promotion, Why};
@@ -31,7 +34,7 @@ use crate::primary::track::{self, seed};
 use crate::replica::posix::Replica;
 use crate::replica::posix::adopt::{self, Index};
 use crate::replica::posix::rollback;
-use crate::state::{Locked, Replication, Role, StateDir, epoch};
+use crate::state::{Replication, Role, StateDir, epoch};
 use crate::sys;
 
 /// What a failover did.
@@ -350,11 +353,10 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
         )));
     };
     let replica = canonical(&replica, "replica")?;
-    not_mounted(
-        &root,
-        "stop its VMs and unmount it first (`drfs unmount`); a planned failover of a mounted store is not supported yet",
-    )?;
-    lock(&sd, &replica)?;
+    match mounted_at(&root) {
+        Some(mnt) => lock_mounted(&cfg.store_id, &replica, &mnt)?,
+        None => lock(&sd, &replica)?,
+    }
     crate::sys::fault::hit("planned:locked");
     let promoted_from_us = Replica::open_only(&replica)
         .ok()
@@ -380,6 +382,10 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
         .ok_or_else(|| Error::Invalid(format!("{} has no point", replica.display())))?;
     reverse(&r, &root, &rep, &latest)?;
     crate::sys::fault::hit("planned:reversed");
+    if let Some(mnt) = mounted_at(&root) {
+        retire(&root, &replica, &mnt)?;
+        crate::sys::fault::hit("planned:unmounted");
+    }
     demote(&sd, &r, &latest)?;
     log(
         &r.sd,
@@ -441,21 +447,67 @@ fn already_demoted(root: &Path, cfg: &crate::state::Config) -> Result<FailedOver
 
 /// Locks the store against mounts for the failover to `replica`.
 fn lock(sd: &StateDir, replica: &Path) -> Result<()> {
-    let mut cfg = sd.config()?;
-    if cfg.locked.is_none() {
-        cfg.locked = Some(Locked {
-            replica: replica.display().to_string(),
-            time: rfc3339_now(),
-        });
-        sd.write_config(&cfg)?;
-    }
-    Ok(())
+    sd.set_locked(Some(&replica.display().to_string()))
 }
 
+/// Unlocks the store, and its daemon if it is mounted.
 fn unlock(sd: &StateDir) -> Result<()> {
-    let mut cfg = sd.config()?;
-    cfg.locked = None;
-    sd.write_config(&cfg)
+    if let Ok(cfg) = sd.config() {
+        // No daemon answers when it is not mounted.
+        let _ = control::call(&cfg.store_id, &control::Request::Unlock);
+    }
+    sd.set_locked(None)
+}
+
+/// Where the store's tracked mount is, if it is mounted.
+fn mounted_at(root: &Path) -> Option<PathBuf> {
+    crate::fuse::mountinfo::of_store(root)
+        .first()
+        .map(|m| m.mountpoint.clone())
+}
+
+/// Turns the mounted store read-only through its daemon, which records the lock; refused
+/// while files are open for writing through the mount (nothing changes then).
+fn lock_mounted(store_id: &str, replica: &Path, mnt: &Path) -> Result<()> {
+    let req = control::Request::Lock {
+        replica: replica.display().to_string(),
+    };
+    let Some(v) = control::call(store_id, &req)? else {
+        return Err(Error::Busy(format!(
+            "the store is mounted at {} but its daemon does not answer; unmount it (`drfs unmount`) and run the command again",
+            mnt.display()
+        )));
+    };
+    let reply: control::LockReply = serde_json::from_value(v)
+        .map_err(|e| Error::Invalid(format!("the daemon's answer: {e}")))?;
+    if !reply.open_writers.is_empty() {
+        return Err(Error::operator(format!(
+            "files are open for writing through the mount at {}: {}; stop the VMs using them and run the command again (nothing was changed)",
+            mnt.display(),
+            reply.open_writers.join(", ")
+        )));
+    }
+    match (reply.locked, reply.error) {
+        (true, _) => Ok(()),
+        (false, e) => Err(Error::Invalid(format!(
+            "the daemon did not lock the store: {}",
+            e.unwrap_or_else(|| "no reason given".into())
+        ))),
+    }
+}
+
+/// The replica is the primary now: the old primary's read-only mount ends (its daemon
+/// records a clean stop) before the store becomes the replica.
+fn retire(root: &Path, replica: &Path, mnt: &Path) -> Result<()> {
+    crate::ops::mount::unmount(mnt, false).map_err(|e| match e {
+        Error::Busy(why) => Error::Busy(format!(
+            "{} is the primary now, but the old primary's read-only mount at {} cannot end yet ({why}); close what is open there and run `drfs failover {} --planned` again to finish",
+            replica.display(),
+            mnt.display(),
+            root.display()
+        )),
+        e => e,
+    })
 }
 
 /// Ships what is left; a failure unlocks the store again (nothing changed anywhere).

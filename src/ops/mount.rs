@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::daemon::{self, DaemonOpts, log_path};
 use crate::error::{At, Error, Result};
 use crate::fuse::daemon::{self as process, Ready};
+use crate::primary::passthrough::fs::StoreIo;
 use crate::primary::track::run;
 use crate::state::StateDir;
 use crate::sys;
@@ -30,6 +31,8 @@ pub struct MountOpts {
     pub track: bool,
     /// Serve Prometheus metrics (`GET /metrics`) at this address.
     pub metrics_listen: Option<String>,
+    pub store_io: StoreIo,
+    pub max_pages: u32,
 }
 
 /// Checks the arguments and detaches a stale mount; returns canonical (store, mountpoint).
@@ -81,6 +84,8 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
                     .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
             }),
             metrics_listen: opts.metrics_listen.clone(),
+            store_io: opts.store_io,
+            max_pages: opts.max_pages,
         };
         return daemon::serve(&d, &store, &mnt, Ready::from_env());
     }
@@ -103,6 +108,12 @@ pub fn mount(opts: &MountOpts) -> Result<()> {
     if let Some(a) = &opts.metrics_listen {
         args.extend(["--metrics-listen".into(), a.into()]);
     }
+    args.extend([
+        "--store-io".into(),
+        opts.store_io.to_string().into(),
+        "--fuse-max-pages".into(),
+        opts.max_pages.to_string().into(),
+    ]);
     process::spawn(&args, &log_path(&StateDir::new(&store)))
 }
 

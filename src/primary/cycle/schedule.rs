@@ -102,6 +102,10 @@ impl Scheduler {
 
     /// How long until the next cycle is due (None: not scheduled).
     fn due_in(&self) -> Option<Duration> {
+        if self.tracker.is_read_only() {
+            // Locked by a planned failover, which ships its final cycle itself.
+            return None;
+        }
         let rep = self.tracker.state().config().ok()?.replication?;
         let now = crate::sys::now_ns() as i64;
         if let Some(p) = rep.paused_at(now) {

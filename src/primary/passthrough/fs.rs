@@ -40,12 +40,45 @@ const MAX_COPY: u64 = 1 << 30;
 
 pub struct Options {
     pub impersonate: bool,
+    pub store_io: StoreIo,
+}
+
+/// How buffered clients' reads and writes reach the store (`drfs mount --store-io`).
+/// O_DIRECT clients always get O_DIRECT store descriptors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreIo {
+    /// Through the host page cache (re-reads are cached; the default).
+    #[default]
+    Buffered,
+    /// With O_DIRECT wherever the store allows it (`cache=none` for every client): no
+    /// second copy in the page cache, re-reads go to the disk.
+    Direct,
+}
+
+impl std::str::FromStr for StoreIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "buffered" => Ok(StoreIo::Buffered),
+            "direct" => Ok(StoreIo::Direct),
+            _ => Err(format!("{s:?}: say buffered or direct")),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreIo::Buffered => "buffered",
+            StoreIo::Direct => "direct",
+        })
+    }
 }
 
 pub struct DrFs {
     root: PathBuf,
     inodes: Inodes,
-    files: Table<Handle>,
+    files: Arc<Table<Handle>>,
     dirs: Dirs,
     tracker: Option<Arc<Tracker>>,
     opts: Options,
@@ -58,7 +91,9 @@ fn errno(e: io::Error) -> Errno {
 }
 
 fn terr(e: Error) -> Errno {
-    tracing::error!("tracking: {e}");
+    if e.errno() != Some(libc::EROFS) {
+        tracing::error!("tracking: {e}");
+    }
     Errno::from_i32(e.errno().unwrap_or(libc::EIO))
 }
 
@@ -79,6 +114,19 @@ fn kind_of(mode: u32) -> FileType {
         libc::S_IFCHR => FileType::CharDevice,
         libc::S_IFBLK => FileType::BlockDevice,
         _ => FileType::RegularFile,
+    }
+}
+
+/// The path of an inode in the store `root`.
+fn path_in(root: &std::path::Path, inode: &Inode) -> RelPath {
+    if inode.nodeid == ROOT {
+        return RelPath::root();
+    }
+    let link =
+        std::fs::read_link(format!("/proc/self/fd/{}", inode.fd.as_raw_fd())).unwrap_or_default();
+    match link.strip_prefix(root) {
+        Ok(p) => RelPath::from_bytes(p.as_os_str().as_bytes()),
+        Err(_) => RelPath::from_bytes(link.as_os_str().as_bytes()),
     }
 }
 
@@ -152,11 +200,28 @@ impl DrFs {
         Ok(DrFs {
             root,
             inodes: Inodes::new(fd, &st),
-            files: Table::default(),
+            files: Arc::default(),
             dirs: Dirs::default(),
             tracker,
             opts,
         })
+    }
+
+    /// The store-relative paths of the files open for writing through the mount, as a
+    /// function the daemon's control socket can call (for a planned failover's lock).
+    pub fn open_writers(&self) -> impl Fn() -> Vec<String> + Send + Sync + 'static {
+        let (files, root) = (self.files.clone(), self.root.clone());
+        move || {
+            let mut paths: Vec<String> = files
+                .values()
+                .iter()
+                .filter(|h| h.writable)
+                .map(|h| path_in(&root, &h.inode).to_string())
+                .collect();
+            paths.sort();
+            paths.dedup();
+            paths
+        }
     }
 
     fn caller(&self, req: &Request) -> AsCaller {
@@ -189,15 +254,7 @@ impl DrFs {
 
     /// The store-relative path of an inode (for log records).
     fn rel(&self, inode: &Inode) -> RelPath {
-        if inode.nodeid == ROOT {
-            return RelPath::root();
-        }
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd.as_raw_fd()))
-            .unwrap_or_default();
-        match link.strip_prefix(&self.root) {
-            Ok(p) => RelPath::from_bytes(p.as_os_str().as_bytes()),
-            Err(_) => RelPath::from_bytes(link.as_os_str().as_bytes()),
-        }
+        path_in(&self.root, inode)
     }
 
     fn rel_child(&self, parent: &Inode, name: &OsStr) -> RelPath {
@@ -216,8 +273,13 @@ impl DrFs {
 
     /// Holds the tracker's gate for a namespace or metadata change that may change the
     /// ctime of the regular files `on` (stamped, see `track::stamps`).
-    fn gate(&self, on: [Option<FileId>; 2]) -> Option<NsGuard<'_>> {
-        self.tracker.as_deref().map(|t| t.begin(on))
+    /// Refused (EROFS) while the store is locked for a planned failover.
+    fn gate(&self, on: [Option<FileId>; 2]) -> Res<Option<NsGuard<'_>>> {
+        self.tracker
+            .as_deref()
+            .map(|t| t.begin(on))
+            .transpose()
+            .map_err(terr)
     }
 
     /// The tracked id of a regular file's inode.
@@ -263,7 +325,7 @@ impl DrFs {
     fn begin_write(&self, ft: Option<&FileTrack>, off: u64, len: u64) -> Res<Option<Guard<'_>>> {
         match (&self.tracker, ft) {
             (Some(t), Some(ft)) => t.begin_write(ft, off, len).map(Some).map_err(terr),
-            (Some(t), None) => Ok(Some(t.begin_write_none())),
+            (Some(t), None) => t.begin_write_none().map(Some).map_err(terr),
             _ => Ok(None),
         }
     }
@@ -277,7 +339,7 @@ impl DrFs {
         }
         let id = self.id_of(&inode);
         if a.uid.is_some() || a.gid.is_some() {
-            let _g = self.gate([id, None]);
+            let _g = self.gate([id, None])?;
             let r = unsafe {
                 libc::fchownat(
                     inode.fd.as_raw_fd(),
@@ -295,7 +357,7 @@ impl DrFs {
             });
         }
         if let Some(mode) = a.mode {
-            let _g = self.gate([id, None]);
+            let _g = self.gate([id, None])?;
             let p = sys::proc_fd(inode.fd.as_raw_fd());
             sys::cvt(unsafe { libc::chmod(p.as_ptr(), mode & 0o7777) }).map_err(errno)?;
             self.log(Op::Chmod {
@@ -304,7 +366,7 @@ impl DrFs {
             });
         }
         if a.atime.is_some() || a.mtime.is_some() {
-            let _g = self.gate([id, None]);
+            let _g = self.gate([id, None])?;
             self.utimens(&inode, [timespec(a.atime), timespec(a.mtime)])?;
             self.log(Op::Utimens {
                 path: self.rel(&inode),
@@ -378,7 +440,7 @@ impl DrFs {
         let p = self.inode(parent)?;
         let c = sys::cstr(name).map_err(errno)?;
         let _c = self.caller(req);
-        let _g = self.gate([None, None]);
+        let _g = self.gate([None, None])?;
         let began = sys::now_ns();
         make(&p, &c).map_err(errno)?;
         let (inode, attr) = self.lookup_in(&p, name)?;
@@ -411,7 +473,8 @@ impl DrFs {
         } else {
             None
         };
-        let (file, buffered, align) = if flags & libc::O_DIRECT != 0 {
+        let direct = flags & libc::O_DIRECT != 0 || self.opts.store_io == StoreIo::Direct;
+        let (file, buffered, align) = if direct {
             self.direct_pair(file, flags)
         } else {
             (file, None, None)
@@ -701,7 +764,7 @@ impl Filesystem for DrFs {
             let _c = self.caller(req);
             let (from, to) = (self.rel_child(&p, name), self.rel_child(&np, newname));
             // The moved file, and a file it replaces (whose other links remain).
-            let _g = self.gate([self.id_at(&from), self.id_at(&to)]);
+            let _g = self.gate([self.id_at(&from), self.id_at(&to)])?;
             let r = unsafe {
                 libc::renameat2(
                     p.fd.as_raw_fd(),
@@ -738,7 +801,7 @@ impl Filesystem for DrFs {
             let np = self.inode(newparent)?;
             let c = sys::cstr(newname).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate([self.id_of(&i), None]);
+            let _g = self.gate([self.id_of(&i), None])?;
             let src = sys::proc_fd(i.fd.as_raw_fd());
             let r = unsafe {
                 libc::linkat(
@@ -769,6 +832,11 @@ impl Filesystem for DrFs {
                 let _c = self.caller(req);
                 sys::reopen(inode.fd.as_fd(), f & !(libc::O_DIRECT | libc::O_APPEND))
                     .map_err(errno)?
+            };
+            // A planned failover's lock sees this handle, or refuses the open.
+            let _g = match (&self.tracker, f & libc::O_ACCMODE != libc::O_RDONLY) {
+                (Some(t), true) => Some(t.opening_for_write().map_err(terr)?),
+                _ => None,
             };
             self.open_file(&inode, f, file)
         })();
@@ -963,7 +1031,7 @@ impl Filesystem for DrFs {
         let r = self.xattr_path(ino).and_then(|(i, p)| {
             let n = sys::cstr(name).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate([self.id_of(&i), None]);
+            let _g = self.gate([self.id_of(&i), None])?;
             sys::setxattr(&p, &n, value, flags).map_err(errno)?;
             self.log(Op::Setxattr {
                 path: self.rel(&i),
@@ -1001,7 +1069,7 @@ impl Filesystem for DrFs {
         let r = self.xattr_path(ino).and_then(|(i, p)| {
             let n = sys::cstr(name).map_err(errno)?;
             let _c = self.caller(req);
-            let _g = self.gate([self.id_of(&i), None]);
+            let _g = self.gate([self.id_of(&i), None])?;
             sys::removexattr(&p, &n).map_err(errno)?;
             self.log(Op::Removexattr {
                 path: self.rel(&i),
@@ -1142,7 +1210,7 @@ impl DrFs {
             let dir = flags & libc::AT_REMOVEDIR != 0;
             // A file's other links remain: its ctime changes.
             let id = if dir { None } else { self.id_at(&path) };
-            let _g = self.gate([id, None]);
+            let _g = self.gate([id, None])?;
             sys::cvt(unsafe { libc::unlinkat(p.fd.as_raw_fd(), c.as_ptr(), flags) })
                 .map_err(errno)?;
             self.log(if dir {
@@ -1169,7 +1237,7 @@ impl DrFs {
         let p = self.inode(parent)?;
         let c = sys::cstr(name).map_err(errno)?;
         let backing = flags & !(libc::O_DIRECT | libc::O_APPEND | libc::O_NOCTTY);
-        let _g = self.gate([None, None]);
+        let _g = self.gate([None, None])?;
         let began = sys::now_ns();
         let file = {
             let _c = self.caller(req);

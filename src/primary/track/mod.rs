@@ -15,6 +15,7 @@ pub mod changelog;
 pub mod cow;
 pub mod cut;
 pub mod file;
+pub mod lockdown;
 pub mod reconcile;
 pub mod recovery;
 pub mod run;
@@ -26,7 +27,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -72,6 +73,8 @@ pub struct Tracker {
     open: Mutex<Open>,
     epoch: AtomicU64,
     stamps: Stamps,
+    /// Locked for a planned failover: every change is refused (`lockdown`).
+    read_only: AtomicBool,
 }
 
 /// Held while an operation changes file data; a checkpoint or cut waits for it. Dropping
@@ -136,6 +139,7 @@ impl Tracker {
             open: Mutex::new(Open::default()),
             epoch: AtomicU64::new(0),
             stamps,
+            read_only: AtomicBool::new(false),
         };
         t.merge_frozen()?;
         if let LastStop::HostCrash { .. } = last {
@@ -280,13 +284,14 @@ impl Tracker {
 
     /// Holds the gate and the namespace lock for a namespace or metadata change, and
     /// stamps the operation on each of the regular files `on` names.
-    pub fn begin(&self, on: [Option<FileId>; 2]) -> NsGuard<'_> {
+    pub fn begin(&self, on: [Option<FileId>; 2]) -> Result<NsGuard<'_>> {
         let ns = self.ns.read();
-        NsGuard {
+        let gate = self.writable()?;
+        Ok(NsGuard {
             _ops: on.map(|id| self.stamp(id?)),
-            _gate: self.gate.read(),
+            _gate: gate,
             _ns: ns,
-        }
+        })
     }
 
     fn stamp(&self, id: FileId) -> Option<stamps::Op<'_>> {
@@ -301,11 +306,11 @@ impl Tracker {
     }
 
     /// Holds the gate for a data change of a file tracking does not follow.
-    pub fn begin_write_none(&self) -> Guard<'_> {
-        Guard {
+    pub fn begin_write_none(&self) -> Result<Guard<'_>> {
+        Ok(Guard {
             _op: None,
-            _gate: self.gate.read(),
-        }
+            _gate: self.writable()?,
+        })
     }
 
     /// Marks bytes `[off, off+len)` of a file as changing and saves what a running cycle
@@ -316,7 +321,7 @@ impl Tracker {
             .stamp_slot(|| self.stamps.slot(ft.id.0))
             .map(|s| self.stamps.begin(s));
         loop {
-            let g = self.gate.read();
+            let g = self.writable()?;
             if len == 0 {
                 return Ok(Guard { _op: op, _gate: g });
             }
