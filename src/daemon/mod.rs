@@ -90,7 +90,7 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
             let path = control::socket_path(&t.config().store_id);
             let (t2, sd2, status) = (t.clone(), sd.clone(), o.status.clone());
             let answer = Arc::new(move || status(&sd2, &t2));
-            if let Err(e) = control::serve(path.clone(), sched.clone(), answer) {
+            if let Err(e) = control::serve(path.clone(), sched.clone(), t.clone(), answer) {
                 tracing::error!("control socket: {e}");
             }
             (Some(sched), Some(path))
