@@ -165,6 +165,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             restart,
             json,
         } => {
+            here(&replica)?;
             if std::fs::symlink_metadata(&replica).is_err() {
                 return Err(Error::Invalid(format!(
                     "{}: no such file or directory",
@@ -429,6 +430,7 @@ fn status(path: &Path, json: bool) -> Result<i32> {
 }
 
 fn failover(path: &Path, point: Option<&str>, commit: bool, planned: bool) -> Result<i32> {
+    here(path)?;
     let f = if planned {
         ops::failover::planned(path)?
     } else if commit {
