@@ -239,11 +239,30 @@ fn a_store_replicates_to_another_host_over_ssh() {
         vec!["points", t.as_str()],
         vec!["status", t.as_str()],
         vec!["restore", t.as_str(), "--point", "x", "--to", "/tmp/x"],
+        vec!["browse", t.as_str(), "/tmp/x"],
+        vec![
+            "test-failover",
+            t.as_str(),
+            "--point",
+            "x",
+            "--at",
+            "/tmp/x",
+        ],
+        vec!["verify", t.as_str()],
+        vec!["failover", t.as_str()],
+        vec!["failover", t.as_str(), "--commit"],
     ] {
         let out = drfs().args(&args).output().unwrap();
         assert_eq!(code(&out), 64, "{args:?}: {out:?}");
         fails(out, "is on another host: run this on 127.0.0.1 with");
     }
+    let store = f.store.to_string_lossy().into_owned();
+    let out = drfs()
+        .args(["reprotect", &store, "--to", &t])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64, "{out:?}");
+    fails(out, "is not supported yet: run it where both are local");
     f.unmount();
 }
 

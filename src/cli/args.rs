@@ -323,6 +323,29 @@ pub enum Cmd {
         /// A store (or its mountpoint), or a replica directory.
         path: PathBuf,
     },
+    /// Measure what replicating mounted STORE would take, with no replica: the distinct
+    /// bytes changed per interval, their compressed size (a sample read from the store),
+    /// the bandwidth each interval needs and the RPO a cap gives. Cycles go on untouched.
+    Assess {
+        /// The store (or its mountpoint); it must be mounted.
+        store: PathBuf,
+        /// How long to watch (windows longer than this are extrapolated, and say so).
+        #[arg(long = "for", default_value = "15m")]
+        for_: String,
+        /// The interval lengths to measure, each a multiple of the shortest.
+        #[arg(long, default_value = "30s,1m,5m,15m")]
+        windows: String,
+        /// How a cycle would compress: none, zstd or zstd:LEVEL.
+        #[arg(long, default_value = "zstd")]
+        compress: String,
+        /// The RPO at this cap (bytes per second on the wire, e.g. 10M); default: the
+        /// store's own --bwlimit at this time of day, if it has one.
+        #[arg(long, value_parser = parse_size)]
+        bwlimit: Option<u64>,
+        /// Print the report as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what is tracked for STORE (or one PATH in it) since tracking began.
     Changes {
         /// The store (or its mountpoint).

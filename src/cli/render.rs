@@ -152,6 +152,57 @@ pub fn replica(s: &ReplicaStatus) -> String {
     o
 }
 
+/// `drfs assess`: one line of what was watched, then a row per interval.
+pub fn assessment(a: &crate::ops::assess::Assessment) -> String {
+    let secs = |s: u64| humantime::format_duration(std::time::Duration::from_secs(s)).to_string();
+    let mut o = format!(
+        "{}: watched {}; sample of {} blocks, {} read, {} on the wire ({}: {:.2} of the changed bytes)\n",
+        a.store,
+        secs(a.seconds),
+        a.sample.blocks,
+        human(a.sample.bytes),
+        human(a.sample.wire_bytes),
+        a.compress,
+        a.wire_ratio
+    );
+    let cap = a.bwlimit_bps.map_or("(no --bwlimit)".to_string(), |c| {
+        format!("at {}/s", human(c))
+    });
+    o += &format!(
+        "{:<9} {:>7} {:>13} {:>13} {:>13} {:>12}  {}\n",
+        "INTERVAL", "WINDOWS", "CHANGED MEAN", "CHANGED MAX", "WIRE MAX", "NEEDS", cap
+    );
+    for w in &a.windows {
+        let count = if w.extrapolated {
+            "-".to_string()
+        } else {
+            w.measured.to_string()
+        };
+        let at_cap = match (w.cycle_s_at_cap, w.rpo_s_at_cap) {
+            (Some(c), Some(r)) => format!("cycle {c:.1} s, RPO {r:.0} s"),
+            (Some(c), None) => format!("falls behind: a cycle takes {c:.0} s"),
+            _ => String::new(),
+        };
+        let bound = if w.extrapolated { "<= " } else { "" };
+        o += &format!(
+            "{:<9} {:>7} {:>13} {:>13} {:>13} {:>12}  {}{}\n",
+            secs(w.seconds),
+            count,
+            format!("{bound}{}", human(w.mean_bytes)),
+            format!("{bound}{}", human(w.max_bytes)),
+            format!("{bound}{}", human(w.wire_bytes_max)),
+            format!("{}/s", human(w.need_bps)),
+            at_cap,
+            if w.extrapolated {
+                "  (not measured: extrapolated from a shorter window, an upper bound)"
+            } else {
+                ""
+            }
+        );
+    }
+    o
+}
+
 pub fn changes(c: &Changes) -> String {
     let mut out = format!("block size {}\n", human(c.block_size));
     out.push_str(&format!(

@@ -72,6 +72,14 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Changes { store, path, json } => changes(&store, path, json),
+        Cmd::Assess {
+            store,
+            for_,
+            windows,
+            compress,
+            bwlimit,
+            json,
+        } => assess(&behind(&store), &for_, &windows, &compress, bwlimit, json),
         Cmd::Protect {
             store,
             to,
@@ -161,6 +169,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             restart,
             json,
         } => {
+            here(&replica)?;
             if std::fs::symlink_metadata(&replica).is_err() {
                 return Err(Error::Invalid(format!(
                     "{}: no such file or directory",
@@ -292,6 +301,63 @@ fn changes(store: &Path, path: Option<PathBuf>, json: bool) -> Result<i32> {
     Ok(0)
 }
 
+fn assess(
+    store: &Path,
+    for_: &str,
+    windows: &str,
+    compress: &str,
+    bwlimit: Option<u64>,
+    json: bool,
+) -> Result<i32> {
+    let dur = |s: &str, what: &str| {
+        humantime::parse_duration(s.trim())
+            .map_err(|e| Error::Invalid(format!("{what} {s:?}: {e} (e.g. 30s, 5m)")))
+    };
+    let windows = windows
+        .split(',')
+        .map(|w| dur(w, "--windows").map(|d| d.as_secs()))
+        .collect::<std::result::Result<Vec<u64>, Error>>()?;
+    let bwlimit = match bwlimit {
+        Some(0) => None,
+        Some(r) => Some(r),
+        None => store_cap(store),
+    };
+    let a = ops::assess::Assess {
+        run_for: dur(for_, "--for")?,
+        windows,
+        compress: compress.parse().map_err(Error::Invalid)?,
+        bwlimit,
+    };
+    let quiet = json;
+    let on_tick = |t: &ops::assess::Tick| {
+        if !quiet {
+            eprintln!(
+                "{:>5}s  {} changed",
+                t.elapsed.as_secs(),
+                crate::model::fmt::human(t.changed_bytes)
+            );
+        }
+    };
+    let r = ops::assess::assess(store, &a, &on_tick)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).context("encoding JSON")?
+        );
+    } else {
+        print!("{}", render::assessment(&r));
+    }
+    Ok(0)
+}
+
+/// The store's own bandwidth cap at this time of day, if it has one.
+fn store_cap(store: &Path) -> Option<u64> {
+    let (_, cfg) = StateDir::open(store).ok()?;
+    cfg.replication?
+        .bwlimit?
+        .rate_at(crate::transport::limit::local_minute())
+}
+
 /// Prints what a settings command changed (and its warnings), and tells the daemon.
 fn settings(store: &Path, c: ops::protect::Changed) -> Result<i32> {
     let (sd, cfg) = StateDir::open(&store.canonicalize()?)?;
@@ -368,6 +434,7 @@ fn status(path: &Path, json: bool) -> Result<i32> {
 }
 
 fn failover(path: &Path, point: Option<&str>, commit: bool, planned: bool) -> Result<i32> {
+    here(path)?;
     let f = if planned {
         ops::failover::planned(path)?
     } else if commit {

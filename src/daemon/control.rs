@@ -1,6 +1,9 @@
 //! The daemon's control socket: how `drfs ship`, `drfs status` and `drfs protect` reach a
 //! mounted store's daemon. A Unix socket at `/run/drfs/<store id>.sock` (socket paths are
 //! limited to 108 bytes, store paths are not); one JSON request line, one JSON reply line.
+//! An `assess` request opens a session instead: after its reply, each `take` line gets
+//! the blocks changed since the last one (`AssessTake`), until the client hangs up,
+//! which ends the observer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,9 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{At, Error, Result};
-use crate::model::Consistency;
+use crate::model::{Consistency, FileId, RelPath};
 use crate::primary::cycle::schedule::Scheduler;
 use crate::primary::cycle::{CycleOpts, Outcome};
+use crate::primary::track::Tracker;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -36,6 +40,24 @@ pub enum Request {
     },
     /// The planned failover failed before the switch: accept writes again.
     Unlock,
+    /// Opens an assessment session (`drfs assess`) on this connection.
+    Assess,
+    /// In an assessment session: the blocks changed since the last take.
+    Take,
+}
+
+/// The answer to a `take`: per file, the block runs `[first, end)` changed since the
+/// last take, with the file's path in the store (none when it is gone).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssessTake {
+    pub files: Vec<Churn>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Churn {
+    pub id: FileId,
+    pub path: Option<RelPath>,
+    pub runs: Vec<[u64; 2]>,
 }
 
 /// The answer to `Lock`.
@@ -95,6 +117,7 @@ pub fn socket_path(store_id: &str) -> PathBuf {
 pub fn serve(
     path: PathBuf,
     sched: Arc<Scheduler>,
+    tracker: Arc<Tracker>,
     status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     lock: LockFn,
 ) -> Result<()> {
@@ -107,11 +130,12 @@ pub fn serve(
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (sched, status, lock) = (sched.clone(), status.clone(), lock.clone());
+                let (sched, status, t, lock) =
+                    (sched.clone(), status.clone(), tracker.clone(), lock.clone());
                 let _ = std::thread::Builder::new()
                     .name("control-req".into())
                     .spawn(move || {
-                        if let Err(e) = answer(conn, &sched, &*status, &*lock) {
+                        if let Err(e) = answer(conn, &sched, &t, &*status, &*lock) {
                             tracing::warn!("control request: {e}");
                         }
                     });
@@ -124,11 +148,13 @@ pub fn serve(
 fn answer(
     conn: UnixStream,
     sched: &Scheduler,
+    tracker: &Tracker,
     status: &dyn Fn() -> serde_json::Value,
     lock: &dyn Fn(Option<String>) -> LockReply,
 ) -> std::io::Result<()> {
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+    let mut reader = BufReader::new(&conn);
+    reader.read_line(&mut line)?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Ship {
             resync,
@@ -156,10 +182,85 @@ fn answer(
             serde_json::to_value(lock(Some(replica))).unwrap_or_default()
         }
         Ok(Request::Unlock) => serde_json::to_value(lock(None)).unwrap_or_default(),
+        Ok(Request::Assess) => return assess(reader, &conn, tracker),
+        Ok(Request::Take) => serde_json::json!({"error": "take outside an assessment"}),
         Err(e) => serde_json::json!({"error": e.to_string()}),
     };
     let mut w = &conn;
     writeln!(w, "{reply}")
+}
+
+/// An assessment session: the observer lives as long as the connection.
+fn assess(
+    mut reader: BufReader<&UnixStream>,
+    conn: &UnixStream,
+    tracker: &Tracker,
+) -> std::io::Result<()> {
+    let mut w = conn;
+    let Some(observer) = tracker.observe() else {
+        let e = "an assessment of this store is already running";
+        return writeln!(w, "{}", serde_json::json!({ "error": e }));
+    };
+    tracing::info!("assessment started");
+    let r = (|| {
+        writeln!(w, "{}", serde_json::json!({"ok": true}))?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let files = observer
+                .take()
+                .into_iter()
+                .map(|(id, runs)| Churn {
+                    id,
+                    path: tracker.path_of(id),
+                    runs: runs.into_iter().map(|(a, b)| [a, b]).collect(),
+                })
+                .collect();
+            let body = serde_json::to_string(&AssessTake { files }).unwrap_or_default();
+            writeln!(w, "{body}")?;
+        }
+    })();
+    tracker.unobserve();
+    tracing::info!("assessment ended");
+    r
+}
+
+/// A session with the daemon of store `store_id` (an assessment): requests and replies
+/// on one connection; None when no daemon answers.
+pub struct Session {
+    conn: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Session {
+    pub fn open(store_id: &str, req: &Request) -> Result<Option<(Session, serde_json::Value)>> {
+        let path = socket_path(store_id);
+        let Ok(conn) = UnixStream::connect(&path) else {
+            return Ok(None);
+        };
+        let reader = BufReader::new(conn.try_clone().at(&path)?);
+        let mut s = Session { conn, reader };
+        let first = s.call(req)?;
+        Ok(Some((s, first)))
+    }
+
+    pub fn call(&mut self, req: &Request) -> Result<serde_json::Value> {
+        let body = serde_json::to_string(req).map_err(Error::encode)?;
+        let gone = |e: std::io::Error| Error::Link(format!("the store's daemon: {e}"));
+        self.conn
+            .write_all(format!("{body}\n").as_bytes())
+            .map_err(gone)?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).map_err(gone)? == 0 {
+            return Err(Error::Link(
+                "the store's daemon hung up (unmounted?)".into(),
+            ));
+        }
+        serde_json::from_str(&line).map_err(|e| Error::Invalid(format!("the daemon's answer: {e}")))
+    }
 }
 
 /// Sends a request to the daemon of store `store_id`; None when no daemon answers.

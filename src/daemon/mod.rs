@@ -98,7 +98,8 @@ pub fn serve(o: &DaemonOpts, store: &Path, mnt: &Path, ready: Ready) -> Result<(
             let (t2, sd2, status) = (t.clone(), sd.clone(), o.status.clone());
             let answer = Arc::new(move || status(&sd2, &t2));
             let lock = lockdown(sd.clone(), t.clone(), writers);
-            if let Err(e) = control::serve(path.clone(), sched.clone(), answer, lock) {
+            let serve = control::serve(path.clone(), sched.clone(), t.clone(), answer, lock);
+            if let Err(e) = serve {
                 tracing::error!("control socket: {e}");
             }
             (Some(sched), Some(path))

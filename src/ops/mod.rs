@@ -1,7 +1,8 @@
 //! What the command line calls: each command that does more than one library call is a
-//! function here, returning what happened (the CLI prints it). `mount` (and `unmount`),
+//! function here, returning what happened (the CLI prints it). `assess`, `mount` (and `unmount`),
 //! `protect`, `ship`, `receive`, `status`, `events`, `metrics`, `browse`, `test_failover`, `verify`.
 
+pub mod assess;
 pub mod browse;
 pub mod events;
 pub mod failover;

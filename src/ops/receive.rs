@@ -13,7 +13,7 @@ pub fn receive(replica: &Path) -> Result<()> {
     // records, hashes, staging) is nobody else's business, whatever umask the caller
     // had (the mount daemon that spawns it runs with umask 0).
     unsafe { libc::umask(0o077) };
-    let stdin = std::io::stdin().lock();
+    let stdin = std::io::stdin();
     let stdout = std::io::stdout().lock();
     let r = crate::replica::receive::serve(replica, stdin, stdout);
     if let Ok(rep) = crate::replica::posix::Replica::open_only(replica) {

@@ -51,18 +51,18 @@ fn canonical(p: &Path, what: &str) -> Result<PathBuf> {
 }
 
 pub fn reprotect(store: &Path, p: &Reprotect<'_>) -> Result<Reprotected> {
+    let target: Target = p.to.parse().map_err(Error::Invalid)?;
+    let Target::Local(old) = target else {
+        return Err(Error::Invalid(format!(
+            "reprotect onto {target} is not supported yet: run it where both are local"
+        )));
+    };
     let root = canonical(store, "store")?;
     let (sd, cfg) = StateDir::open(&root)?;
     let Some(prom) = cfg.promoted.clone() else {
         return Err(Error::Invalid(format!(
             "{} was not promoted by a failover: reprotect runs on the new primary, with --to the old one",
             root.display()
-        )));
-    };
-    let target: Target = p.to.parse().map_err(Error::Invalid)?;
-    let Target::Local(old) = target else {
-        return Err(Error::Invalid(format!(
-            "reprotect onto {target} is not supported yet: run it where both are local"
         )));
     };
     let old = canonical(&old, "old primary")?;

@@ -17,6 +17,7 @@ use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
 use crate::replica::{Binding, ReplicaStore};
 use crate::wire::compress::{self, Compress};
+use crate::wire::pipe::Prefetch;
 use crate::wire::{Frame, Hashes, Msg, Reader, WireError, Writer, greeting};
 
 /// How many entries one manifest may have.
@@ -40,7 +41,7 @@ fn lock(root: &Path) -> Result<File> {
 
 /// Serves one sender for the POSIX replica at `root` until it says goodbye. An error is
 /// also sent to the sender.
-pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
+pub fn serve(root: &Path, input: impl Read + Send + 'static, output: impl Write) -> Result<()> {
     let _lock = lock(root);
     serve_store(|b: &Binding<'_>| Receiving::bind(root, b), input, output)
 }
@@ -49,27 +50,26 @@ pub fn serve(root: &Path, input: impl Read, output: impl Write) -> Result<()> {
 pub trait Bind<S>: FnOnce(&Binding<'_>) -> Result<S> {}
 impl<S, F: FnOnce(&Binding<'_>) -> Result<S>> Bind<S> for F {}
 
-/// Serves one sender for the store `bind` opens, until it says goodbye.
-pub fn serve_store<'a, S: ReplicaStore>(
+/// Serves one sender for the store `bind` opens, until it says goodbye. The stream is
+/// read (and decompressed) ahead by a thread of its own (`wire::pipe::Prefetch`) while
+/// this one verifies and stages.
+pub fn serve_store<S: ReplicaStore>(
     bind: impl Bind<S>,
-    input: impl Read + 'a,
+    input: impl Read + Send + 'static,
     output: impl Write,
 ) -> Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, output);
     greeting::announce(&mut out)?;
     let mut input = BufReader::with_capacity(1 << 20, input);
     let (w, r) = match greeting::chosen(&mut input).and_then(|(v, codec)| {
-        let input: Box<dyn Read + 'a> = if codec == Compress::Zstd(0).code() {
+        let input: Box<dyn Read + Send> = if codec == Compress::Zstd(0).code() {
             compress::decoder(input)?
         } else {
             Box::new(input)
         };
-        Ok((v, input))
+        Ok((v, Prefetch::new(input)?))
     }) {
-        Ok((v, input)) => (
-            Writer::at(out, v),
-            Reader::at(BufReader::with_capacity(1 << 20, input), v),
-        ),
+        Ok((v, input)) => (Writer::at(out, v), Reader::at(input, v)),
         Err(e) => {
             let mut w = Writer::at(out, crate::wire::MIN_VERSION);
             let _ = w.msg(&Msg::Error {

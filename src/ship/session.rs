@@ -121,6 +121,7 @@ fn send_cycle<W: Write, R: Read>(
     progress: Option<Arc<dyn Progress>>,
 ) -> Result<(PointRef, Stats)> {
     let bs = manifest.block_size;
+    let start = std::time::Instant::now();
     w.msg(&Msg::Begin {
         generation: c.generation,
         base: c.base,
@@ -145,8 +146,17 @@ fn send_cycle<W: Write, R: Read>(
         manifest: Box::new(manifest),
     })
     .map_err(wire_err)?;
+    let sent = start.elapsed();
     match r.msg().map_err(wire_err)? {
-        Msg::Done { point, .. } => Ok((point, stats)),
+        Msg::Done { point, .. } => {
+            tracing::info!(
+                "cycle: {} blocks streamed in {:.2} s, applied by the replica in {:.2} s",
+                stats.blocks,
+                sent.as_secs_f64(),
+                (start.elapsed() - sent).as_secs_f64()
+            );
+            Ok((point, stats))
+        }
         Msg::Error {
             message,
             recoverable,

@@ -9,7 +9,7 @@ pub mod local;
 pub mod ssh;
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStderr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,7 @@ impl Options {
     }
 }
 
-pub type LinkWriter = Writer<BufWriter<Box<dyn Write + Send>>>;
+pub type LinkWriter = Writer<Box<dyn Write + Send>>;
 pub type LinkReader = Reader<BufReader<Box<dyn Read + Send>>>;
 
 /// An open stream to a receiver.
@@ -141,12 +141,18 @@ impl Link {
             Compress::Zstd(level) => compress::encoder(out, level)
                 .map_err(|e| Error::Link(format!("starting zstd: {e}")))?,
         };
+        // Compressing, pacing and writing run on a thread of their own, beside the
+        // reading and hashing of the next blocks.
+        let w: Box<dyn Write + Send> = Box::new(
+            crate::wire::pipe::Pipe::new(w)
+                .map_err(|e| Error::Link(format!("starting the sending thread: {e}")))?,
+        );
         Ok(Link {
             child,
             stderr,
             wire,
             compress: c,
-            w: Writer::at(BufWriter::with_capacity(1 << 20, w), v),
+            w: Writer::at(w, v),
             r: Reader::at(r, v),
         })
     }

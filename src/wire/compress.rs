@@ -55,7 +55,7 @@ pub fn encoder<W: Write + Send + 'static>(w: W, level: i32) -> io::Result<Box<dy
 }
 
 /// The receiver's bounded decoder over `r`.
-pub fn decoder<'a, R: BufRead + 'a>(r: R) -> io::Result<Box<dyn Read + 'a>> {
+pub fn decoder<'a, R: BufRead + Send + 'a>(r: R) -> io::Result<Box<dyn Read + Send + 'a>> {
     let mut d = zstd::stream::read::Decoder::with_buffer(r)?;
     d.window_log_max(WINDOW_LOG_MAX)?;
     Ok(Box::new(d))

@@ -14,6 +14,7 @@
 
 pub mod compress;
 pub mod greeting;
+pub mod pipe;
 
 use std::io::{self, Read, Write};
 

@@ -16,6 +16,7 @@ pub mod cow;
 pub mod cut;
 pub mod file;
 pub mod lockdown;
+pub mod observe;
 pub mod reconcile;
 pub mod recovery;
 pub mod run;
@@ -27,7 +28,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -41,6 +42,7 @@ use changelog::{ChangeLog, Op, Record};
 use cow::Cow;
 pub use file::FileTrack;
 use file::{Mark, WHOLE_FILE};
+use observe::Observer;
 use run::{LastStop, RunStart};
 use stamps::Stamps;
 use table::Table;
@@ -75,6 +77,9 @@ pub struct Tracker {
     stamps: Stamps,
     /// Locked for a planned failover: every change is refused (`lockdown`).
     read_only: AtomicBool,
+    /// The running assessment's observer (`drfs assess`), if any.
+    observer: RwLock<Option<Arc<Observer>>>,
+    observing: AtomicBool,
 }
 
 /// Held while an operation changes file data; a checkpoint or cut waits for it. Dropping
@@ -140,6 +145,8 @@ impl Tracker {
             epoch: AtomicU64::new(0),
             stamps,
             read_only: AtomicBool::new(false),
+            observer: RwLock::new(None),
+            observing: AtomicBool::new(false),
         };
         t.merge_frozen()?;
         if let LastStop::HostCrash { .. } = last {
@@ -328,7 +335,13 @@ impl Tracker {
             match ft.try_mark(&self.al, self.cfg.block_size, self.cfg.al_extent, off, len)? {
                 Mark::Done => {
                     let bs = self.cfg.block_size;
-                    ft.preserve(off / bs, (off + len - 1) / bs)?;
+                    let (first, last) = (off / bs, (off + len - 1) / bs);
+                    ft.preserve(first, last)?;
+                    if self.observing.load(Ordering::Acquire) {
+                        if let Some(o) = &*self.observer.read() {
+                            o.mark(ft.id, first, last);
+                        }
+                    }
                     return Ok(Guard { _op: op, _gate: g });
                 }
                 Mark::LogFull => {
@@ -337,6 +350,25 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// Starts an assessment's observer: every block marked from now on is also set in
+    /// it. None while another assessment runs.
+    pub fn observe(&self) -> Option<Arc<Observer>> {
+        let mut slot = self.observer.write();
+        if slot.is_some() {
+            return None;
+        }
+        let o = Arc::new(Observer::default());
+        *slot = Some(o.clone());
+        self.observing.store(true, Ordering::Release);
+        Some(o)
+    }
+
+    /// Ends the assessment's observer.
+    pub fn unobserve(&self) {
+        self.observing.store(false, Ordering::Release);
+        *self.observer.write() = None;
     }
 
     /// Makes every bit durable, then empties the activity log.
