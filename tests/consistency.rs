@@ -92,10 +92,15 @@ fn every_point_is_a_prefix_of_the_write_sequence() {
         "only {mid} of {} points were cut while the writer ran ({total} writes)",
         points.len()
     );
+    // The 4 KiB writes share 64 KiB tracking blocks: cycles sent their pieces.
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.s(".drfs/cycle.json")).unwrap()).unwrap();
+    let partial = st["totals"]["partial_blocks"].as_u64().unwrap();
     eprintln!(
-        "{} points, {mid} cut mid-write, {total} writes, each point a prefix",
+        "{} points, {mid} cut mid-write, {total} writes, each point a prefix; {partial} blocks sent as pieces",
         points.len()
     );
+    assert!(partial > 0, "no cycle sent a block as its pieces");
     f.unmount();
 }
 

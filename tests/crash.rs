@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::rep::{Rep, last_cycle, random_pieces, write_direct};
 use common::*;
 
 const BS: u64 = 65536;
@@ -392,22 +393,7 @@ fn host_crash_is_covered_by_the_activity_log() {
     std::thread::sleep(Duration::from_millis(400));
     f.kill_daemon();
     let written = w.written().remove(0).1;
-    // Power loss: the page cache is gone. Pretend no bitmap or stamp page was ever
-    // written back, that the daemon's boot ended, and that a new one began now.
-    let run = f.s(".drfs/run.json");
-    let text = std::fs::read_to_string(&run).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["boot_id"] = serde_json::json!("00000000-dead-beef-0000-000000000000");
-    std::fs::write(&run, v.to_string()).unwrap();
-    for e in std::fs::read_dir(f.s(".drfs/bitmaps")).unwrap() {
-        std::fs::remove_file(e.unwrap().path()).unwrap();
-    }
-    std::fs::remove_file(f.s(".drfs/stamps")).unwrap();
-    let boot = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    std::thread::sleep(Duration::from_millis(30));
+    let boot = power_loss(&f);
     // After the "reboot", before drfs mounts: a change behind its back.
     write_store_directly(&f, "after.img");
     ok(drfs()
@@ -444,5 +430,89 @@ fn host_crash_is_covered_by_the_activity_log() {
         text.contains("recovered after a host crash") && text.contains("1 file needs a resync"),
         "status says what the crash cost:\n{text}"
     );
+    f.unmount();
+}
+
+/// Power loss after the daemon was killed: the page cache is gone. Pretends no bitmap or
+/// stamp page was ever written back, that the daemon's boot ended, and that a new one
+/// began now; returns the new boot's start (for `DRFS_TEST_BOOT_NS`).
+fn power_loss(f: &Fixture) -> u128 {
+    let run = f.s(".drfs/run.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&run).unwrap()).unwrap();
+    v["boot_id"] = serde_json::json!("00000000-dead-beef-0000-000000000000");
+    std::fs::write(&run, v.to_string()).unwrap();
+    for e in std::fs::read_dir(f.s(".drfs/bitmaps")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    std::fs::remove_file(f.s(".drfs/stamps")).unwrap();
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::thread::sleep(Duration::from_millis(30));
+    boot
+}
+
+/// A host crash (`power_loss` after a SIGKILL) and the mount after the reboot.
+fn host_crash_and_mount(f: &Fixture) {
+    f.kill_daemon();
+    let boot = power_loss(f);
+    ok(drfs()
+        .env("DRFS_TEST_BOOT_NS", boot.to_string())
+        .arg("mount")
+        .arg(&f.store)
+        .arg(&f.mnt));
+}
+
+fn partial_blocks(f: &Fixture) -> u64 {
+    last_cycle(f)["partial_blocks"].as_u64().unwrap()
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn after_a_kill_mid_cycle_or_a_host_crash_partly_written_blocks_ship_whole() {
+    const DISK: u64 = 64 << 20;
+    let r = Rep::new("pieces-crash", "manual", "all:1h");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(DISK).unwrap();
+    let all: Vec<u64> = (0..DISK / (1 << 20)).map(|i| i << 20).collect();
+    write_direct(&disk, &all, 1 << 20, 1);
+    r.ship();
+    // The daemon dies (SIGKILL) after sending five blocks of a cycle of pieces.
+    f.unmount();
+    ok(drfs()
+        .env("DRFS_FAULT", "send:5")
+        .arg("mount")
+        .arg(&f.store)
+        .arg(&f.mnt));
+    write_direct(&disk, &random_pieces(DISK, 300, 3), 4096, 2);
+    let out = r.ship_output();
+    assert!(!out.status.success(), "the cycle outlived its daemon");
+    for pid in daemons_of(&f.mnt) {
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)),
+            "daemon {pid} lives"
+        );
+    }
+    f.mount(&[]);
+    let id = r.ship();
+    assert_eq!(partial_blocks(f), 0, "pieces trusted after a SIGKILL");
+    r.check_latest();
+    // Pieces written, then the host "crashes": the activity log's extents ship whole.
+    write_direct(&disk, &random_pieces(DISK, 300, 4), 4096, 3);
+    host_crash_and_mount(f);
+    let id2 = r.ship();
+    assert_eq!(partial_blocks(f), 0, "pieces trusted after a host crash");
+    r.check_latest();
+    // And pieces again, now that nothing is in doubt.
+    write_direct(&disk, &random_pieces(DISK, 300, 5), 4096, 4);
+    let id3 = r.ship();
+    assert!(partial_blocks(f) > 0, "no pieces after the recoveries");
+    r.check_latest();
+    for id in [&id, &id2, &id3] {
+        r.check_point(id);
+    }
     f.unmount();
 }

@@ -12,7 +12,7 @@ use common::*;
 use drfs::model::FileId;
 use drfs::model::RelPath;
 use drfs::model::{Consistency, Entry, Kind, Manifest};
-use drfs::wire::{Block, Msg, Writer, zero_hash};
+use drfs::wire::{Block, Msg, Partial, Writer, zero_hash};
 
 const BS: u64 = 65536;
 
@@ -60,23 +60,8 @@ fn data_block(id: u64, offset: u64, data: Vec<u8>) -> Block {
 /// A whole cycle as a byte stream: hello (binding the replica), begin, blocks, commit.
 fn stream(blocks: &[Block], m: Manifest) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut w = Writer::new(&mut out).unwrap();
-    w.msg(&Msg::Hello {
-        store_id: "s0".into(),
-        block_size: BS,
-        init: true,
-        keep: "all:1h".into(),
-        // The planted-symlink case binds a directory that holds something.
-        seed: true,
-    })
-    .unwrap();
-    w.msg(&Msg::Begin {
-        generation: 1,
-        base: None,
-        cut_id: "x".into(),
-        resync: false,
-    })
-    .unwrap();
+    // The planted-symlink case binds a directory that holds something.
+    let mut w = begun(&mut out, 0, true);
     for b in blocks {
         w.block(b).unwrap();
     }
@@ -270,6 +255,94 @@ fn absurd_sizes_and_bad_data_are_refused() {
     c.refused(b"GET / HTTP/1.1\r\n\r\n", "not a drfs stream");
     let many = manifest((0..3).map(|_| ok_entry()).collect());
     c.refused(&stream(&[blk], many), "one path three times");
+}
+
+/// A stream into `out` up to the cycle's first block: hello (binding the replica, with
+/// `seed`), begin (of the generation after `base`, 0 for none).
+fn begun(out: &mut Vec<u8>, base: u64, seed: bool) -> Writer<&mut Vec<u8>> {
+    let mut w = Writer::new(out).unwrap();
+    w.msg(&Msg::Hello {
+        store_id: "s0".into(),
+        block_size: BS,
+        init: true,
+        keep: "all:1h".into(),
+        seed,
+    })
+    .unwrap();
+    w.msg(&Msg::Begin {
+        generation: base + 1,
+        base: (base > 0).then_some(base),
+        cut_id: "x".into(),
+        resync: false,
+    })
+    .unwrap();
+    w
+}
+
+/// A cycle of partial blocks on generation `base`: begin, the pieces, commit, bye.
+fn partial_stream(base: u64, parts: &[Partial], m: Manifest) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = begun(&mut out, base, false);
+    for p in parts {
+        w.partial(p).unwrap();
+    }
+    w.msg(&Msg::Commit {
+        manifest: Box::new(Manifest {
+            generation: base + 1,
+            time_ns: m.time_ns + base as i64,
+            ..m
+        }),
+    })
+    .unwrap();
+    w.msg(&Msg::Bye).unwrap();
+    out
+}
+
+/// Piece 1 of a 64 KiB block changed to `fill`, on `old`: the partial frame for it.
+fn piece_one(old: &[u8], fill: u8) -> (Partial, Vec<u8>) {
+    let mut new = old.to_vec();
+    new[4096..8192].fill(fill);
+    let p = Partial {
+        id: FileId(1),
+        offset: 0,
+        len: BS as u32,
+        hash: *blake3::hash(&new).as_bytes(),
+        data: 0b10,
+        zero: 0,
+        bytes: new[4096..8192].to_vec(),
+    };
+    (p, new)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn partial_blocks_are_composed_on_the_latest_block_and_checked_whole() {
+    let c = Case::new("hostile-partial");
+    let old: Vec<u8> = (0..BS).map(|i| (i % 253) as u8).collect();
+    let m = || manifest(vec![entry("f", Kind::File, Some(1), BS)]);
+    let (good, new) = piece_one(&old, 0xaa);
+    c.refused(
+        &partial_stream(0, std::slice::from_ref(&good), m()),
+        "a partial block before a first point",
+    );
+    let first = c.feed(&stream(&[data_block(1, 0, old.clone())], m()));
+    assert!(first.status.success(), "{first:?}");
+    // Pieces that do not make the block their BLAKE3 names with the replica's.
+    let mut bad = good.clone();
+    bad.bytes[5] ^= 1;
+    let out = c.feed(&partial_stream(1, &[bad], m()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a partial block failing its BLAKE3 was accepted"
+    );
+    assert!(err.contains("fails its BLAKE3"), "{err}");
+    assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), old);
+    // The right pieces make the new block, and the old one is kept in the older point.
+    let out = c.feed(&partial_stream(1, &[good], m()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), new);
+    ok(drfs().arg("verify").arg(&c.replica).arg("--all"));
 }
 
 /// `plain` (a sender's greeting and frames) with its frames compressed as zstd frames:

@@ -399,3 +399,162 @@ fn a_store_and_replica_of_an_older_drfs_mount_ship_and_browse() {
     ok(drfs().arg("status").arg(&replica));
     f.unmount();
 }
+
+const MIB: u64 = 1 << 20;
+
+/// A protected store holding a 64 MiB disk of data, shipped.
+fn disk_shipped(name: &str) -> Rep {
+    let r = Rep::new(name, "manual", "all:1h");
+    fs::File::create(r.f.m("disk.raw"))
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    qemu_io(
+        &["-f", "raw", "-t", "none", "-c", "write -P 0x3c 0 64M"],
+        &r.f.m("disk.raw"),
+    );
+    r.ship();
+    r
+}
+
+fn figures(f: &Fixture) -> (u64, u64, u64) {
+    let l = last_cycle(f);
+    let n = |k: &str| l[k].as_u64().unwrap();
+    (n("bytes"), n("data_bytes"), n("partial_blocks"))
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_cycle_ships_the_4k_pieces_that_changed_once_and_other_changes_whole() {
+    let r = disk_shipped("pieces");
+    let (f, disk) = (&r.f, r.f.m("disk.raw"));
+    // 2000 scattered 4 KiB writes, a tenth of them written three times, and one piece
+    // zeroed: 64 KiB tracking blocks, but only the pieces travel, each once.
+    let offs = random_pieces(64 * MIB, 2000, 11);
+    let mut pieces = write_direct(&disk, &offs, 4096, 1);
+    write_direct(&disk, &offs[..200], 4096, 2);
+    write_direct(&disk, &offs[..200], 4096, 3);
+    let zeroed = 1000 * 65536 + 4096 * 5;
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new().write(true).open(&disk).unwrap(),
+        &[0u8; 4096],
+        zeroed,
+    )
+    .unwrap();
+    let zero_new = pieces.insert(zeroed / 4096);
+    let id = r.ship();
+    let (sent, data, partial) = figures(f);
+    let changed = pieces.len() as u64 * 4096;
+    eprintln!(
+        "4 KiB writes: {changed} bytes changed, {sent} sent ({data} of data, {partial} partial blocks): {:.3} per byte changed",
+        sent as f64 / changed as f64
+    );
+    assert!(partial > 0, "no block travelled as pieces");
+    assert!(
+        data <= changed && data + 8192 >= changed - u64::from(zero_new) * 4096,
+        "{data} bytes of data for {changed} changed"
+    );
+    assert!(
+        sent as f64 <= 1.1 * changed as f64,
+        "{sent} bytes sent for {changed} changed"
+    );
+    r.check_latest();
+    r.check_point(&id);
+    // 1 MiB sequential writes: whole blocks, nothing more.
+    let seq: Vec<u64> = (0..16).map(|i| i * MIB).collect();
+    write_direct(&disk, &seq, MIB as usize, 4);
+    let id2 = r.ship();
+    let (sent, data, partial) = figures(f);
+    eprintln!("1 MiB writes: 16 MiB changed, {sent} bytes sent");
+    assert_eq!((data, partial), (16 * MIB, 0));
+    assert!(sent as f64 <= 1.01 * (16 * MIB) as f64, "{sent} sent");
+    // A piece written, then a hole punched in the same block; a piece written, then the
+    // file cut inside its block: changes that record no pieces, so both blocks go whole.
+    write_direct(&disk, &[40 * MIB + 4096], 4096, 5);
+    let fd = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            punch,
+            (40 * MIB + 32768) as i64,
+            8192,
+        )
+    };
+    assert_eq!(rc, 0, "punch hole");
+    write_direct(&disk, &[64 * MIB - 65536], 4096, 6);
+    fd.set_len(64 * MIB - 8192).unwrap();
+    drop(fd);
+    let id3 = r.ship();
+    let (_, data, partial) = figures(f);
+    assert_eq!(partial, 0, "a punched or cut block travelled as pieces");
+    assert_eq!(data, 65536 + 65536 - 8192, "the two blocks whole");
+    r.check_latest();
+    for id in [&id, &id2, &id3] {
+        r.check_point(id);
+    }
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_receiver_of_protocol_2_is_sent_whole_blocks() {
+    let r = disk_shipped("wire2");
+    let f = &r.f;
+    // The daemon starts the receiver, which inherits this: it speaks at most version 2.
+    f.unmount();
+    ok(drfs()
+        .env("DRFS_WIRE_MAX", "2")
+        .arg("mount")
+        .arg(&f.store)
+        .arg(&f.mnt));
+    let offs = random_pieces(64 * MIB, 100, 5);
+    write_direct(&f.m("disk.raw"), &offs, 4096, 7);
+    let blocks: std::collections::BTreeSet<u64> = offs.iter().map(|o| o / 65536).collect();
+    let id = r.ship();
+    let (_, data, partial) = figures(f);
+    assert_eq!(partial, 0, "partial blocks to a version 2 receiver");
+    assert_eq!(data, blocks.len() as u64 * 65536);
+    r.check_latest();
+    r.check_point(&id);
+    f.unmount();
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn fsx_under_a_cycle_a_second_leaves_the_replica_equal() {
+    // fsx's writes, mapped writes, truncates, punches and fallocates in blocks that
+    // cycles a second apart ship as pieces or whole.
+    let r = Rep::new("fsx-cycles", "1s", "last:3");
+    let f = &r.f;
+    let art = f.root.join("fsx-art");
+    fs::create_dir(&art).unwrap();
+    // A 16 MiB file and operations up to 16 KiB: most blocks a cycle ships are partly
+    // written; every kind of operation is in the mix.
+    let cfg = f.root.join("fsx.toml");
+    fs::write(&cfg, "flen = 16777216\n[opsize]\nmax = 16384\n").unwrap();
+    let ops = std::env::var("DRFS_FSX_OPS").unwrap_or_else(|_| "10000".into());
+    let out = ok(Command::new(need("fsx"))
+        .arg("-f")
+        .arg(&cfg)
+        .args(["-N", &ops, "-S", "7", "-P"])
+        .arg(&art)
+        .arg(f.m("fsx.dat")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("A-OK"));
+    r.ship();
+    r.check_latest();
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.s(".drfs/cycle.json")).unwrap()).unwrap();
+    let t = &st["totals"];
+    eprintln!(
+        "{} cycles, {} blocks as pieces",
+        t["cycles"], t["partial_blocks"]
+    );
+    assert!(
+        t["partial_blocks"].as_u64().unwrap() > 0,
+        "no block went as pieces"
+    );
+    // The latest files' blocks against the entries the applies wrote for them.
+    ok(drfs().arg("verify").arg(&r.replica));
+    f.unmount();
+}

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use crate::error::Result;
 use crate::model::{Entry, FileId, Manifest, PointInfo, RelPath};
-use crate::wire::{Block, BlockHash};
+use crate::wire::{Block, BlockHash, Partial};
 
 /// Why a block fails its check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,9 @@ pub trait ReplicaStore {
     fn begin(&mut self, generation: u64, base: Option<u64>) -> Result<()>;
     /// Stages one block (checked against its BLAKE3 and its bounds).
     fn stage(&mut self, b: &Block) -> Result<()>;
+    /// Stages the block a partial block makes with the latest point's (checked against
+    /// its BLAKE3 and its bounds).
+    fn stage_partial(&mut self, p: &Partial) -> Result<()>;
     /// The hashes of blocks `first..first+count` of file `id` (at `path` in the cut): as
     /// staged, else as in the latest point (before a first point: a file at `path`, to
     /// seed from).

@@ -146,6 +146,10 @@ impl<R: Read, W: Write> Session<R, W> {
                     self.begun()?;
                     store.stage(&b)?
                 }
+                Frame::Partial(p) => {
+                    self.begun()?;
+                    store.stage_partial(&p)?
+                }
                 Frame::Msg(Msg::HashRequest {
                     id,
                     path,

@@ -33,6 +33,12 @@ pub trait SourceFile {
     fn whole(&self) -> bool;
     /// The runs `[first, end)` of blocks that changed (for a file that is not `whole`).
     fn changed(&self) -> Vec<(u64, u64)>;
+    /// For a changed block, the bit mask of the only 4 KiB pieces that changed in it
+    /// (bit `i`: bytes `i*4096..`), when the source knows that for certain; `None`: the
+    /// block is sent whole.
+    fn pieces(&self, _b: u64) -> Option<u64> {
+        None
+    }
     /// A reader of its blocks as of the cut.
     fn blocks(&self) -> Box<dyn Blocks + '_>;
 }

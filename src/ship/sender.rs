@@ -1,7 +1,9 @@
 //! Sending a source's data: for each file, its changed blocks (as the cut saw them), or for
 //! a `whole` file every block whose BLAKE3 differs from the replica's. Holes and zero blocks
 //! travel as zero blocks (no data), runs of them as one frame; each block carries its
-//! BLAKE3 for the receiver to check.
+//! BLAKE3 for the receiver to check. A changed block of which the source knows the only
+//! 4 KiB pieces that changed travels as those pieces (`wire::Partial`, protocol 3 on),
+//! with the BLAKE3 of the whole block they make.
 
 use std::io::{Read, Write};
 
@@ -11,7 +13,9 @@ use std::sync::Arc;
 
 use crate::model::progress::Progress;
 use crate::ship::{Blocks, SourceFile, refused, wire_err};
-use crate::wire::{Block, BlockHash, Frame, Msg, Reader, Writer, zero_hash};
+use crate::wire::{
+    Block, BlockHash, Frame, Msg, PARTIAL_VERSION, PIECE, Partial, Reader, Writer, zero_hash,
+};
 
 /// How many blocks one hash request covers: its answer (33 bytes a block) must fit in a
 /// pipe buffer, so the sender and receiver can never block on each other.
@@ -23,6 +27,8 @@ pub struct Stats {
     pub data_bytes: u64,
     pub zero_blocks: u64,
     pub same_blocks: u64,
+    /// Blocks sent as their changed pieces.
+    pub partial_blocks: u64,
 }
 
 /// The bytes a file will cost at most (for progress).
@@ -112,6 +118,43 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         Ok(())
     }
 
+    /// Sends pieces `mask` of block `b` from the buffer the last read filled (the whole
+    /// block when they are all of it, or none of it).
+    fn send_pieces(&mut self, f: &dyn SourceFile, b: u64, mask: u64) -> Result<()> {
+        let len = self.buf.len() as u32;
+        let n = (len as usize).div_ceil(PIECE) as u32;
+        let within = if n >= 64 { u64::MAX } else { (1 << n) - 1 };
+        let mask = mask & within;
+        if mask == 0 || mask == within {
+            return self.send_buf(f, b, false);
+        }
+        self.flush_run()?;
+        let mut p = Partial {
+            id: f.id(),
+            offset: b * self.bs,
+            len,
+            hash: *blake3::hash(&self.buf).as_bytes(),
+            data: 0,
+            zero: 0,
+            bytes: Vec::with_capacity(mask.count_ones() as usize * PIECE),
+        };
+        for i in (0..n).filter(|i| mask & (1 << i) != 0) {
+            let piece = &self.buf[Partial::piece(len, i)];
+            if piece.iter().all(|&x| x == 0) {
+                p.zero |= 1 << i;
+            } else {
+                p.data |= 1 << i;
+                p.bytes.extend_from_slice(piece);
+            }
+        }
+        self.w.partial(&p).map_err(wire_err)?;
+        self.stats.blocks += 1;
+        self.stats.partial_blocks += 1;
+        self.stats.data_bytes += p.bytes.len() as u64;
+        self.tick(u64::from(len));
+        Ok(())
+    }
+
     /// Adds a whole zero block to the pending run (runs of holes travel as one frame).
     fn zero_block(&mut self, f: &dyn SourceFile, b: u64) -> Result<()> {
         let max = u64::from(u32::MAX) / self.bs;
@@ -171,7 +214,13 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         for (a, b) in f.changed() {
             for blk in a..b.min(blocks) {
                 let zero = rd.read(blk, &mut self.buf)?;
-                self.send_buf(f, blk, zero)?;
+                match f.pieces(blk) {
+                    Some(m) if !zero && self.w.version >= PARTIAL_VERSION => {
+                        self.send_pieces(f, blk, m)?
+                    }
+                    _ => self.send_buf(f, blk, zero)?,
+                }
+                crate::sys::fault::hit_nth("send", self.stats.blocks);
             }
         }
         self.flush_run()

@@ -1,5 +1,6 @@
 //! Fault injection for the crash tests: `DRFS_FAULT=NAME` makes the process SIGKILL itself
-//! when it reaches the point called NAME (an apply phase, or a count of received blocks),
+//! when it reaches the point called NAME (an apply phase, or a count of received or sent
+//! blocks: `receive:N`, `send:N`),
 //! so tests can stop it at every step that matters. Unset, it costs one lookup per point.
 //! `DRFS_TEST_BOOT_NS=T` makes this boot seem to have begun at T (ns since the epoch), for
 //! the simulated host-crash test.

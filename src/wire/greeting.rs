@@ -26,12 +26,21 @@ pub enum Opening {
     Noise(String),
 }
 
+/// The newest version a receiver offers: `VERSION`, or less with `DRFS_WIRE_MAX=N` (to
+/// behave as an older drfs does: tests, or holding a mixed pair at one version).
+pub fn newest() -> u32 {
+    std::env::var("DRFS_WIRE_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(VERSION, |v: u32| v.clamp(MIN_VERSION, VERSION))
+}
+
 /// The receiver's side: the banner and the versions it speaks.
 pub fn announce<W: Write>(w: &mut W) -> Result<()> {
     let mut b = Vec::with_capacity(34);
     b.extend_from_slice(BANNER);
     b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&newest().to_le_bytes());
     b.extend_from_slice(&MIN_VERSION.to_le_bytes());
     w.write_all(&b)?;
     w.flush()?;

@@ -11,6 +11,12 @@
 //!   keeps anything.
 //! - 3 `Hashes`: file id u64, first block u64, count u32, then per block 1 byte tag
 //!   (0 absent, 1 zero, 2 data) and, for data, 32 bytes of BLAKE3.
+//! - 4 `Partial` (version 3): the changed 4 KiB pieces of a block the receiver holds:
+//!   file id u64, offset u64, the block's len u32, BLAKE3 of the whole new block (32),
+//!   mask u64 of the pieces sent as bytes, mask u64 of the pieces that are now zeros,
+//!   then the bytes of each sent piece in order (4096 each; the last piece of a short
+//!   block to the block's end). The receiver composes the block from its own and checks
+//!   the whole block against the BLAKE3.
 
 pub mod compress;
 pub mod greeting;
@@ -23,8 +29,13 @@ use serde::{Deserialize, Serialize};
 use crate::model::{FileId, Manifest, PointRef, RelPath};
 
 pub const MAGIC: &[u8; 8] = b"DRFSWIRE";
-/// The newest protocol version this drfs speaks: 2 adds the codec byte (compression).
-pub const VERSION: u32 = 2;
+/// The newest protocol version this drfs speaks: 2 adds the codec byte (compression), 3
+/// the `Partial` frame (a block's changed pieces).
+pub const VERSION: u32 = 3;
+/// The first version with `Partial` frames.
+pub const PARTIAL_VERSION: u32 = 3;
+/// The grain of a `Partial` frame.
+pub const PIECE: usize = 4096;
 /// The oldest protocol version this drfs speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The largest frame: a 16 MiB block plus its header.
@@ -35,6 +46,7 @@ pub const MAX_MSG: usize = 64 << 20;
 const KIND_MSG: u8 = 1;
 const KIND_BLOCK: u8 = 2;
 const KIND_HASHES: u8 = 3;
+const KIND_PARTIAL: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -120,6 +132,49 @@ pub struct Block {
     pub data: Vec<u8>,
 }
 
+/// Part of a block on the wire: the pieces that changed of a block the receiver holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    pub id: FileId,
+    pub offset: u64,
+    /// The block's length (its last piece may be short).
+    pub len: u32,
+    /// The BLAKE3 of the whole block the pieces make.
+    pub hash: [u8; 32],
+    /// The pieces sent as bytes (bit `i`: bytes `i*4096..`).
+    pub data: u64,
+    /// The pieces that are now zeros.
+    pub zero: u64,
+    /// The sent pieces' bytes, in order.
+    pub bytes: Vec<u8>,
+}
+
+impl Partial {
+    /// The byte range of piece `i` in a block of `len` bytes (empty beyond it).
+    pub fn piece(len: u32, i: u32) -> std::ops::Range<usize> {
+        let len = len as usize;
+        let start = (i as usize * PIECE).min(len);
+        start..(start + PIECE).min(len)
+    }
+
+    /// Its pieces, in order: (byte range in the block, its bytes or `None` for zeros).
+    pub fn pieces(&self) -> impl Iterator<Item = (std::ops::Range<usize>, Option<&[u8]>)> {
+        let mut at = 0;
+        (0..64u32)
+            .filter(move |i| (self.data | self.zero) & (1 << i) != 0)
+            .map(move |i| {
+                let r = Partial::piece(self.len, i);
+                if self.data & (1 << i) != 0 {
+                    let n = r.len();
+                    at += n;
+                    (r, Some(&self.bytes[at - n..at]))
+                } else {
+                    (r, None)
+                }
+            })
+    }
+}
+
 /// A block hash as the receiver reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockHash {
@@ -140,6 +195,7 @@ pub enum Frame {
     Msg(Msg),
     Block(Block),
     Hashes(Hashes),
+    Partial(Partial),
 }
 
 /// The BLAKE3 of `len` zero bytes.
@@ -219,6 +275,24 @@ impl<W: Write> Writer<W> {
         head.extend_from_slice(&b.hash);
         let data: &[u8] = if b.zero { &[] } else { &b.data };
         self.frame(KIND_BLOCK, &[&head, data])
+    }
+
+    /// A block's changed pieces (only at version 3 and later).
+    pub fn partial(&mut self, p: &Partial) -> Result<()> {
+        if self.version < PARTIAL_VERSION {
+            return Err(corrupt(format!(
+                "partial blocks need protocol {PARTIAL_VERSION}, the stream speaks {}",
+                self.version
+            )));
+        }
+        let mut head = Vec::with_capacity(68);
+        head.extend_from_slice(&p.id.0.to_le_bytes());
+        head.extend_from_slice(&p.offset.to_le_bytes());
+        head.extend_from_slice(&p.len.to_le_bytes());
+        head.extend_from_slice(&p.hash);
+        head.extend_from_slice(&p.data.to_le_bytes());
+        head.extend_from_slice(&p.zero.to_le_bytes());
+        self.frame(KIND_PARTIAL, &[&head, &p.bytes])
     }
 
     pub fn hashes(&mut self, h: &Hashes) -> Result<()> {
@@ -313,6 +387,9 @@ impl<R: Read> Reader<R> {
                 .map_err(|e| corrupt(format!("bad message: {e}"))),
             KIND_BLOCK => parse_block(body).map(Frame::Block),
             KIND_HASHES => parse_hashes(b).map(Frame::Hashes),
+            KIND_PARTIAL if self.version >= PARTIAL_VERSION => {
+                parse_partial(body).map(Frame::Partial)
+            }
             k => Err(corrupt(format!("unknown frame kind {k}"))),
         }
     }
@@ -334,6 +411,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Msg(_) => "a message",
         Frame::Block(_) => "a block",
         Frame::Hashes(_) => "hashes",
+        Frame::Partial(_) => "a partial block",
     }
 }
 
@@ -379,6 +457,44 @@ fn parse_block(mut body: Vec<u8>) -> Result<Block> {
         zero,
         hash,
         data,
+    })
+}
+
+fn parse_partial(mut body: Vec<u8>) -> Result<Partial> {
+    const HEAD: usize = 1 + 8 + 8 + 4 + 32 + 8 + 8;
+    if body.len() < HEAD {
+        return Err(corrupt("short partial block frame"));
+    }
+    let len = u32_at(&body, 17);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&body[21..53]);
+    let (data, zero) = (u64_at(&body, 53), u64_at(&body, 61));
+    let pieces = (len as usize).div_ceil(PIECE) as u32;
+    let within = if pieces >= 64 {
+        u64::MAX
+    } else {
+        (1 << pieces) - 1
+    };
+    if len == 0 || data & zero != 0 || (data | zero) & !within != 0 {
+        return Err(corrupt("partial block with pieces outside it"));
+    }
+    let want: usize = (0..64)
+        .filter(|i| data & (1 << i) != 0)
+        .map(|i| Partial::piece(len, i).len())
+        .sum();
+    if body.len() - HEAD != want {
+        return Err(corrupt("partial block's bytes do not match its pieces"));
+    }
+    let (id, offset) = (FileId(u64_at(&body, 1)), u64_at(&body, 9));
+    body.drain(..HEAD);
+    Ok(Partial {
+        id,
+        offset,
+        len,
+        hash,
+        data,
+        zero,
+        bytes: body,
     })
 }
 
@@ -463,6 +579,48 @@ mod tests {
                 ok += 1;
             }
             assert!(ok < 3, "byte {i} flipped yet all frames read");
+        }
+    }
+
+    #[test]
+    fn partial_frames_round_trip_and_need_version_3() {
+        let block: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let p = Partial {
+            id: FileId(9),
+            offset: 1 << 16,
+            len: 10_000,
+            hash: *blake3::hash(&block).as_bytes(),
+            data: 0b101,
+            zero: 0b010,
+            bytes: [&block[..4096], &block[8192..]].concat(),
+        };
+        let mut buf = Vec::new();
+        Writer::new(&mut buf).unwrap().partial(&p).unwrap();
+        match Reader::new(&buf[..]).unwrap().read_frame().unwrap() {
+            Frame::Partial(got) => {
+                assert_eq!(got, p);
+                let ranges: Vec<_> = got.pieces().map(|(r, b)| (r, b.is_some())).collect();
+                assert_eq!(
+                    ranges,
+                    vec![(0..4096, true), (4096..8192, false), (8192..10_000, true)]
+                );
+            }
+            f => panic!("{f:?}"),
+        }
+        // At version 2 the frame is neither written nor read.
+        assert!(Writer::at(Vec::new(), 2).partial(&p).is_err());
+        assert!(Reader::at(&buf[13..], 2).read_frame().is_err());
+        // Pieces outside the block, or bytes that do not match the masks, are refused.
+        for (data, zero, cut) in [(0b1000, 0, 0), (0b1, 0b1, 0), (0b101, 0b10, 1)] {
+            let q = Partial {
+                data,
+                zero,
+                bytes: p.bytes[..p.bytes.len() - cut].to_vec(),
+                ..p.clone()
+            };
+            let mut buf = Vec::new();
+            Writer::new(&mut buf).unwrap().partial(&q).unwrap();
+            assert!(Reader::new(&buf[..]).unwrap().read_frame().is_err());
         }
     }
 }

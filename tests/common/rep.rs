@@ -133,3 +133,58 @@ pub fn same_tree_excluding_state(want: &Path, got: &Path, what: &str) {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+/// The last cycle's figures (`cycle.json` `last`).
+pub fn last_cycle(f: &Fixture) -> serde_json::Value {
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.s(".drfs/cycle.json")).unwrap()).unwrap();
+    st["last"].clone()
+}
+
+/// Writes `len` bytes of `fill`-seeded data at each offset of `offs` with O_DIRECT (a
+/// VM's writes); returns the 4 KiB pieces they cover.
+pub fn write_direct(
+    path: &Path,
+    offs: &[u64],
+    len: usize,
+    fill: u8,
+) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+    // SAFETY: a fresh allocation of `len` bytes, freed below.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    assert!(!ptr.is_null());
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    let mut pieces = std::collections::BTreeSet::new();
+    for (i, &off) in offs.iter().enumerate() {
+        for (k, b) in buf.iter_mut().enumerate() {
+            *b = (k as u64 * 131 + i as u64 * 7 + u64::from(fill)).to_le_bytes()[0] | 1;
+        }
+        file.write_all_at(buf, off).unwrap();
+        pieces.extend(off / 4096..(off + len as u64).div_ceil(4096));
+    }
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    pieces
+}
+
+/// `n` distinct 4 KiB-aligned offsets in a file of `size` bytes, from `seed`.
+pub fn random_pieces(size: u64, n: usize, seed: u64) -> Vec<u64> {
+    let mut x = seed | 1;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = x % (size / 4096);
+        if seen.insert(p) {
+            out.push(p * 4096);
+        }
+    }
+    out
+}

@@ -50,6 +50,9 @@ pub struct LastCycle {
     #[serde(default)]
     pub wire_bytes: u64,
     pub data_bytes: u64,
+    /// Blocks sent as their changed 4 KiB pieces (0 in records from before them).
+    #[serde(default)]
+    pub partial_blocks: u64,
     pub pause_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub point: Option<String>,
@@ -102,6 +105,9 @@ pub struct Totals {
     /// Pre- and post-cut hooks that failed or timed out.
     #[serde(default)]
     pub hook_failures: u64,
+    /// Blocks sent as their changed 4 KiB pieces.
+    #[serde(default)]
+    pub partial_blocks: u64,
 }
 
 impl CycleState {
@@ -131,6 +137,7 @@ impl CycleState {
         self.totals.cycles += 1;
         self.totals.bytes += last.bytes;
         self.totals.data_bytes += last.data_bytes;
+        self.totals.partial_blocks += last.partial_blocks;
         if last.ok {
             self.last_ok_ns = Some(last.time_ns);
             self.failures = 0;
@@ -207,6 +214,7 @@ pub fn run(tracker: &Tracker, opts: CycleOpts) -> Outcome {
         bytes: outcome.bytes,
         wire_bytes: outcome.wire_bytes,
         data_bytes: outcome.stats.data_bytes,
+        partial_blocks: outcome.stats.partial_blocks,
         pause_us: outcome.pause_us,
         point: outcome.point.clone(),
         error: (!outcome.ok).then(|| outcome.message.clone()),

@@ -55,6 +55,10 @@ impl SourceFile for CutFile {
         self.ft.frozen_ranges()
     }
 
+    fn pieces(&self, b: u64) -> Option<u64> {
+        self.pieces.get(&b).copied()
+    }
+
     fn blocks(&self) -> Box<dyn Blocks + '_> {
         Box::new(CutBlocks {
             f: self,

@@ -330,6 +330,20 @@ impl DrFs {
         }
     }
 
+    /// `begin_write` for a write of exactly `[off, off+len)`: its 4 KiB pieces are
+    /// recorded, so a cycle ships only those of a partly written block.
+    fn begin_write_pieces(
+        &self,
+        ft: Option<&FileTrack>,
+        off: u64,
+        len: u64,
+    ) -> Res<Option<Guard<'_>>> {
+        match (&self.tracker, ft) {
+            (Some(t), Some(ft)) => t.begin_write_pieces(ft, off, len).map(Some).map_err(terr),
+            _ => self.begin_write(ft, off, len),
+        }
+    }
+
     fn do_setattr(&self, req: &Request, ino: INodeNo, a: SetAttr) -> Res<FileAttr> {
         let inode = self.inode(ino)?;
         let _c = self.caller(req);
@@ -870,7 +884,7 @@ impl Filesystem for DrFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
@@ -878,15 +892,21 @@ impl Filesystem for DrFs {
         let Some(h) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let r = self
-            .begin_write(h.track.as_deref(), offset, data.len() as u64)
-            .and_then(|_g| {
-                h.write(offset, data).map_err(errno)?;
-                if let Some(ft) = &h.track {
-                    ft.grew(offset + data.len() as u64);
-                }
-                Ok(())
-            });
+        let (track, len) = (h.track.as_deref(), data.len() as u64);
+        // Page-cache writeback (mmap) ships whole blocks: only a caller's own write
+        // records pieces.
+        let g = if wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.begin_write(track, offset, len)
+        } else {
+            self.begin_write_pieces(track, offset, len)
+        };
+        let r = g.and_then(|_g| {
+            h.write(offset, data).map_err(errno)?;
+            if let Some(ft) = &h.track {
+                ft.grew(offset + data.len() as u64);
+            }
+            Ok(())
+        });
         reply_or!(reply, r, |()| reply.written(data.len() as u32));
     }
 

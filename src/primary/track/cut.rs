@@ -15,6 +15,7 @@ use crate::model::FileId;
 use crate::model::relpath::RelPath;
 use crate::model::{Entry, Kind};
 use crate::primary::track::cow::Cow;
+use crate::primary::track::fine::Pieces;
 use crate::primary::track::{FileTrack, Pending, Tracker};
 use crate::state::STATE_DIR;
 use crate::sys;
@@ -27,6 +28,8 @@ pub struct CutFile {
     pub cow: Arc<Cow>,
     /// Tracking could not vouch for this file: compare every block by hash.
     pub resync: bool,
+    /// The changed pieces of its partly written frozen blocks (the others ship whole).
+    pub pieces: Arc<Pieces>,
 }
 
 pub struct Cut {
@@ -125,6 +128,7 @@ impl Tracker {
             files.push(CutFile {
                 id: t.id,
                 path: t.path.clone(),
+                pieces: ft.frozen_pieces(),
                 ft,
                 cow,
                 resync: t.resync,

@@ -8,13 +8,14 @@ use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::Result;
 use crate::model::FileId;
 use crate::primary::track::activity::ActivityLog;
 use crate::primary::track::bitmap::Bitmap;
 use crate::primary::track::cow::Cow;
+use crate::primary::track::fine::{Fine, Pieces};
 
 /// An activity-log extent number that stands for "the whole file".
 pub const WHOLE_FILE: u64 = u64::MAX;
@@ -27,6 +28,9 @@ pub struct FileTrack {
     size: AtomicU64,
     bits: RwLock<Bits>,
     cow: RwLock<Option<Arc<Cow>>>,
+    /// The 4 KiB pieces changed inside dirty blocks (`fine`); taken after `bits`. The
+    /// tracker keeps it while this tracking is dropped and loaded again, with the bitmaps.
+    fine: Arc<Mutex<Fine>>,
     /// Its slot in the run's stamps (`UNSET` until its first operation, `NO_SLOT` when
     /// none was free).
     stamp: AtomicU32,
@@ -82,7 +86,13 @@ impl Bits {
 
 impl FileTrack {
     /// Builds the tracking of file `id` from its two bitmap files.
-    pub(crate) fn load(id: FileId, fd: File, size: u64, maps: [Bitmap; 2]) -> FileTrack {
+    pub(crate) fn load(
+        id: FileId,
+        fd: File,
+        size: u64,
+        maps: [Bitmap; 2],
+        fine: Arc<Mutex<Fine>>,
+    ) -> FileTrack {
         let active = usize::from(maps[1].stamp() > maps[0].stamp());
         let frozen_dirty = maps[1 - active].any();
         FileTrack {
@@ -97,6 +107,7 @@ impl FileTrack {
                 whole_hot: AtomicBool::new(false),
             }),
             cow: RwLock::new(None),
+            fine,
             stamp: AtomicU32::new(UNSET),
         }
     }
@@ -167,6 +178,27 @@ impl FileTrack {
         Ok(Mark::Done)
     }
 
+    /// A write of `[off, off+len)` is about to mark its blocks: records its pieces
+    /// (before `try_mark`, so a block found clean had no change since the cut).
+    pub(crate) fn record_pieces(&self, bs: u64, off: u64, len: u64) {
+        let bits = self.bits.read();
+        let active = bits.active();
+        let last = (off.saturating_add(len) - 1) / bs;
+        self.fine
+            .lock()
+            .record(off / bs, last, off, len, |b| !active.test(b));
+    }
+
+    /// A change that records no pieces marked blocks `first..=last`: they ship whole.
+    pub(crate) fn forget_pieces(&self, first: u64, last: u64) {
+        self.fine.lock().forget(first, last);
+    }
+
+    /// The pieces the current cut ships of its partly written blocks.
+    pub fn frozen_pieces(&self) -> Arc<Pieces> {
+        self.fine.lock().frozen()
+    }
+
     /// Saves the cut-time content of blocks `first..=last` a change is about to alter.
     pub(crate) fn preserve(&self, first: u64, last: u64) -> Result<()> {
         let Some(cow) = self.cow.read().clone() else {
@@ -197,6 +229,7 @@ impl FileTrack {
             let a = bits.active;
             bits.maps[a].set_stamp(epoch);
         }
+        self.fine.lock().flip(bits.frozen_dirty);
         bits.frozen_dirty = true;
         drop(bits);
         *self.cow.write() = Some(cow);
@@ -221,6 +254,7 @@ impl FileTrack {
             let mut bits = self.bits.write();
             bits.frozen().clear();
             bits.frozen_dirty = false;
+            self.fine.lock().shipped();
         }
     }
 

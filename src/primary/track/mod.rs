@@ -15,6 +15,7 @@ pub mod changelog;
 pub mod cow;
 pub mod cut;
 pub mod file;
+pub mod fine;
 pub mod lockdown;
 pub mod observe;
 pub mod reconcile;
@@ -80,6 +81,11 @@ pub struct Tracker {
     /// The running assessment's observer (`drfs assess`), if any.
     observer: RwLock<Option<Arc<Observer>>>,
     observing: AtomicBool,
+    /// What the files' fine records may still hold (`fine`).
+    budget: Arc<fine::Budget>,
+    /// Each file's fine record, kept while its tracking is not loaded (no write can
+    /// reach the file then, and its bitmaps wait on disk), dropped with its bitmaps.
+    fines: Mutex<HashMap<FileId, Arc<Mutex<fine::Fine>>>>,
 }
 
 /// Held while an operation changes file data; a checkpoint or cut waits for it. Dropping
@@ -147,6 +153,8 @@ impl Tracker {
             read_only: AtomicBool::new(false),
             observer: RwLock::new(None),
             observing: AtomicBool::new(false),
+            budget: fine::Budget::new(fine::BUDGET),
+            fines: Mutex::new(HashMap::new()),
         };
         t.merge_frozen()?;
         if let LastStop::HostCrash { .. } = last {
@@ -322,8 +330,20 @@ impl Tracker {
 
     /// Marks bytes `[off, off+len)` of a file as changing and saves what a running cycle
     /// still needs of them; returns holding the gate. The operation is stamped whatever
-    /// its length (a truncate up or a fallocate changes the file's ctime too).
+    /// its length (a truncate up or a fallocate changes the file's ctime too). The blocks
+    /// it marks ship whole: for changes other than a plain write (punch, truncate,
+    /// copy_file_range, mmap writeback).
     pub fn begin_write(&self, ft: &FileTrack, off: u64, len: u64) -> Result<Guard<'_>> {
+        self.begin_change(ft, off, len, false)
+    }
+
+    /// `begin_write` for a write of exactly these bytes: its 4 KiB pieces are recorded, so
+    /// a block it leaves partly written ships only its changed pieces (`fine`).
+    pub fn begin_write_pieces(&self, ft: &FileTrack, off: u64, len: u64) -> Result<Guard<'_>> {
+        self.begin_change(ft, off, len, true)
+    }
+
+    fn begin_change(&self, ft: &FileTrack, off: u64, len: u64, pieces: bool) -> Result<Guard<'_>> {
         let op = ft
             .stamp_slot(|| self.stamps.slot(ft.id.0))
             .map(|s| self.stamps.begin(s));
@@ -332,10 +352,16 @@ impl Tracker {
             if len == 0 {
                 return Ok(Guard { _op: op, _gate: g });
             }
-            match ft.try_mark(&self.al, self.cfg.block_size, self.cfg.al_extent, off, len)? {
+            let bs = self.cfg.block_size;
+            if pieces {
+                ft.record_pieces(bs, off, len);
+            }
+            match ft.try_mark(&self.al, bs, self.cfg.al_extent, off, len)? {
                 Mark::Done => {
-                    let bs = self.cfg.block_size;
-                    let (first, last) = (off / bs, (off + len - 1) / bs);
+                    let (first, last) = (off / bs, (off.saturating_add(len) - 1) / bs);
+                    if !pieces {
+                        ft.forget_pieces(first, last);
+                    }
                     ft.preserve(first, last)?;
                     if self.observing.load(Ordering::Acquire) {
                         if let Some(o) = &*self.observer.read() {
@@ -400,7 +426,16 @@ impl Tracker {
             return Ok(ft);
         }
         let size = fd.metadata().at(self.state.store())?.len();
-        let ft = Arc::new(FileTrack::load(id, fd, size, self.open_maps(id)?));
+        let fine = self
+            .fines
+            .lock()
+            .entry(id)
+            .or_insert_with(|| {
+                let f = fine::Fine::new(self.cfg.block_size, self.budget.clone());
+                Arc::new(Mutex::new(f))
+            })
+            .clone();
+        let ft = Arc::new(FileTrack::load(id, fd, size, self.open_maps(id)?, fine));
         if let Some(p) = open.pending.remove(&id) {
             ft.flip(p.epoch, Arc::new(self.new_cow(id, p.epoch, size, p.all)))?;
         }
@@ -517,6 +552,7 @@ impl Tracker {
 
     fn forget_bitmap(&self, id: FileId) {
         self.open.lock().map.remove(&id);
+        self.fines.lock().remove(&id);
         for p in self.map_paths(id) {
             if let Err(e) = std::fs::remove_file(&p) {
                 if e.kind() != std::io::ErrorKind::NotFound {

@@ -11,6 +11,7 @@ pub mod adopt;
 pub mod apply;
 pub mod hashes;
 pub mod incoming;
+pub mod partial;
 pub mod pieces;
 pub mod read;
 pub mod relay;

@@ -11,11 +11,11 @@ use crate::model::retention::Policy;
 use crate::model::{Entry, FileId, Manifest, PointInfo, RelPath};
 use crate::replica::posix::incoming::Incoming;
 use crate::replica::posix::read::{self, PointFile};
-use crate::replica::posix::{Replica, apply};
+use crate::replica::posix::{Replica, apply, partial};
 use crate::replica::{Binding, PointRead, PointStore, ReplicaStore};
 use crate::state::StateDir;
 use crate::sys;
-use crate::wire::{Block, BlockHash};
+use crate::wire::{Block, BlockHash, Partial};
 
 impl PointStore for Replica {
     fn location(&self) -> &Path {
@@ -51,6 +51,9 @@ impl PointStore for Replica {
 pub struct Receiving {
     replica: Replica,
     inc: Option<Incoming>,
+    /// The latest file partial blocks of one file build on (`partial`), kept while that
+    /// file's blocks arrive.
+    base: Option<(FileId, Option<File>)>,
 }
 
 impl Receiving {
@@ -82,6 +85,7 @@ impl Receiving {
         Ok(Receiving {
             replica: r,
             inc: None,
+            base: None,
         })
     }
 
@@ -129,6 +133,7 @@ impl ReplicaStore for Receiving {
     }
 
     fn begin(&mut self, generation: u64, base: Option<u64>) -> Result<()> {
+        self.base = None;
         let dir = self.replica.sd.path("incoming");
         self.inc = Some(Incoming::begin(
             &dir,
@@ -141,6 +146,21 @@ impl ReplicaStore for Receiving {
 
     fn stage(&mut self, b: &Block) -> Result<()> {
         self.incoming()?.put(b)
+    }
+
+    fn stage_partial(&mut self, p: &Partial) -> Result<()> {
+        self.incoming()?;
+        if self.base.as_ref().is_none_or(|(id, _)| *id != p.id) {
+            if self.replica.latest()?.is_none() {
+                return Err(Error::transient(
+                    "a partial block before the replica has a point to build it on",
+                ));
+            }
+            self.base = Some((p.id, self.latest_file(p.id, &RelPath::root())?));
+        }
+        let base = self.base.as_ref().and_then(|(_, f)| f.as_ref());
+        let block = partial::compose(p, base, self.replica.cfg.block_size)?;
+        self.incoming()?.put(&block)
     }
 
     fn hashes(
