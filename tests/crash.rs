@@ -516,3 +516,95 @@ fn after_a_kill_mid_cycle_or_a_host_crash_partly_written_blocks_ship_whole() {
     }
     f.unmount();
 }
+
+/// The records of kind 3 (a partial block: only its pieces staged) in a replica's
+/// staging area (`incoming/<id>.idx`, 64-byte records, the kind at byte 12).
+fn staged_partials(replica: &std::path::Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(replica.join(".drfs/incoming")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .map(|b| b.chunks_exact(56).filter(|r| r[12] == 3).count())
+        .sum()
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_receiver_killed_mid_apply_of_pieces_finishes_it_or_sends_them_again() {
+    const DISK: u64 = 64 << 20;
+    let r = Rep::new("pieces-apply", "manual", "all:1h");
+    let f = &r.f;
+    let disk = f.m("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(DISK).unwrap();
+    let all: Vec<u64> = (0..DISK / (1 << 20)).map(|i| i << 20).collect();
+    write_direct(&disk, &all, 1 << 20, 1);
+    r.ship();
+    // Before the journal (sealed, undo) the next attempt starts over and the pieces are
+    // sent again; after it (data-file, data) the next open of the replica rolls the
+    // apply forward from the staged pieces.
+    for (i, phase) in [
+        "apply:sealed",
+        "apply:undo",
+        "apply:data-file",
+        "apply:data",
+    ]
+    .iter()
+    .enumerate()
+    {
+        f.unmount();
+        ok(drfs()
+            .env("DRFS_FAULT", phase)
+            .arg("mount")
+            .arg(&f.store)
+            .arg(&f.mnt));
+        write_direct(
+            &disk,
+            &random_pieces(DISK, 200, 10 + i as u64),
+            4096,
+            5 + i as u8,
+        );
+        let pre = format!("pre-{i}");
+        r.snapshot(&pre);
+        let before: Vec<serde_json::Value> = r.points();
+        let out = r.ship_output();
+        assert!(!out.status.success(), "{phase}: the receiver was to die");
+        let partials = staged_partials(&r.replica);
+        assert!(partials > 0, "{phase}: no partial block was staged");
+        f.unmount();
+        f.mount(&[]);
+        let id = r.ship();
+        // A point the receiver's successor finished from the staged pieces holds the
+        // store as it was at the failed cut (the next cycle sends those blocks whole
+        // again, so only this check sees how the pieces were applied).
+        let finished: Vec<String> = r
+            .points()
+            .iter()
+            .filter_map(|p| p["id"].as_str().map(str::to_string))
+            .filter(|p| *p != id && !before.iter().any(|b| b["id"] == p.as_str()))
+            .collect();
+        let after_journal = i >= 2;
+        assert_eq!(
+            finished.len(),
+            usize::from(after_journal),
+            "{phase}: {finished:?}"
+        );
+        for p in &finished {
+            let got = r.restore(p);
+            common::rep::same_tree(&r.snaps.join(&pre), &got, &format!("{phase}: point {p}"));
+        }
+        eprintln!(
+            "{phase}: {partials} partial blocks staged when the receiver died; finished from them: {finished:?}; then point {id}"
+        );
+        r.check_latest();
+        r.check_point(&id);
+    }
+    // And a cycle of pieces with nothing in the way, applied as pieces.
+    write_direct(&disk, &random_pieces(DISK, 200, 20), 4096, 9);
+    let id = r.ship();
+    assert!(partial_blocks(f) > 0, "no pieces");
+    r.check_latest();
+    r.check_point(&id);
+    f.unmount();
+}

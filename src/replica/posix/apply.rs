@@ -532,6 +532,14 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
                 if off < cur {
                     punch_hole(&f, off, len).at(&at)?;
                 }
+            } else if s.pieces != 0 {
+                // A partial block: its other pieces are the file's already. Written back
+                // whole, so the disk sees one write a block, not one a piece.
+                let chunk = &mut buf[..s.len as usize];
+                let got = sys::read_full(&f, chunk, off).at(&at)?;
+                chunk[got..].fill(0);
+                inc.read_pieces(*id, &s, chunk)?;
+                f.write_all_at(&chunk[..len as usize], off).at(&at)?;
             } else {
                 let chunk = &mut buf[..s.len as usize];
                 inc.read(*id, b, chunk)?;

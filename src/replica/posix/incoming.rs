@@ -5,10 +5,18 @@
 //! when the sender asks, so blocks already here do not travel again. Runs of zero blocks
 //! (holes) are kept as ranges, so a sparse terabyte costs a few records, not millions.
 //!
-//! Format v1: `incoming/cycle.json` `{version, generation, base}`; per file `<id>.data`
-//! (data blocks at their own offsets, sparse) and `<id>.idx`, 48-byte records: block u64,
-//! length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks: length counts blocks),
-//! 3 pad bytes, BLAKE3 (32).
+//! A partial block (`wire::Partial`, composed and checked whole in `partial`) is staged
+//! as its changed pieces only, one after the other in `<id>.pieces` (a few large writes,
+//! not a sparse file of scattered 4 KiB extents): the apply lays them over the latest
+//! file's block, whose other pieces are already the block's (what it was composed on).
+//!
+//! Format v2: `incoming/cycle.json` `{version, generation, base}`; per file `<id>.data`
+//! (data blocks at their own offsets, sparse), `<id>.pieces` (partial blocks' pieces,
+//! appended) and `<id>.idx`, 64-byte records: block u64, length u32, kind u8 (0 data, 1
+//! zero block, 2 run of zero blocks: length counts blocks, 3 partial block), 3 pad bytes,
+//! BLAKE3 of the whole block (32), pieces u64 (of a partial block: bit `i` for bytes
+//! `i*4096..`, else 0), offset u64 of its pieces in `<id>.pieces`. A staging area of
+//! another version is discarded (its blocks are sent again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -24,14 +32,15 @@ use crate::model::runs::{minus, union};
 use crate::sys;
 use crate::wire::{Block, BlockHash, zero_hash};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// No file on a replica may be larger than this (4 PiB).
 pub const MAX_FILE: u64 = 1 << 52;
 /// How many files one cycle may stage.
 const MAX_FILES: usize = 1 << 20;
-const RECORD: usize = 48;
+const RECORD: usize = 64;
 const OPEN_CAP: usize = 256;
 const RUN: u8 = 2;
+const PARTIAL: u8 = 3;
 /// Index records are buffered 64 at a time: few write calls, and a crash loses at most
 /// the last 64 blocks' records (those blocks are then sent again).
 const IDX_BUFFER: usize = 64 * RECORD;
@@ -43,6 +52,10 @@ pub struct Staged {
     pub hash: [u8; 32],
     /// Received or re-hashed in this attempt: only confirmed blocks are applied.
     pub confirmed: bool,
+    /// A partial block's staged pieces (bit `i`: bytes `i*4096..`); 0 for a whole block.
+    pub pieces: u64,
+    /// Where a partial block's pieces start in `<id>.pieces`.
+    pub at: u64,
 }
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -67,16 +80,36 @@ pub struct Incoming {
     bs: u64,
     files: HashMap<FileId, Staging>,
     open: HashMap<FileId, (File, BufWriter<File>)>,
+    /// The open `<id>.pieces` files and their lengths.
+    piece_files: HashMap<FileId, (File, u64)>,
     received: u64,
 }
 
-fn encode(b: u64, len: u32, kind: u8, hash: &[u8; 32]) -> [u8; RECORD] {
+fn encode(b: u64, len: u32, kind: u8, hash: &[u8; 32], pieces: (u64, u64)) -> [u8; RECORD] {
     let mut r = [0u8; RECORD];
     r[..8].copy_from_slice(&b.to_le_bytes());
     r[8..12].copy_from_slice(&len.to_le_bytes());
     r[12] = kind;
     r[16..48].copy_from_slice(hash);
+    r[48..56].copy_from_slice(&pieces.0.to_le_bytes());
+    r[56..64].copy_from_slice(&pieces.1.to_le_bytes());
     r
+}
+
+fn kind_of(s: &Staged) -> u8 {
+    match (s.zero, s.pieces) {
+        (true, _) => 1,
+        (false, 0) => 0,
+        _ => PARTIAL,
+    }
+}
+
+/// The byte ranges, within a block of `len` bytes, of the pieces in `mask`.
+pub fn piece_ranges(len: u32, mask: u64) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..64u32)
+        .filter(move |i| mask & (1 << i) != 0)
+        .map(move |i| crate::wire::Partial::piece(len, i))
+        .filter(|r| !r.is_empty())
 }
 
 impl Incoming {
@@ -113,6 +146,7 @@ impl Incoming {
             bs,
             files: HashMap::new(),
             open: HashMap::new(),
+            piece_files: HashMap::new(),
             received: 0,
         }
     }
@@ -151,6 +185,8 @@ impl Incoming {
                 let len = u32::from_le_bytes(r[8..12].try_into().unwrap_or([0; 4]));
                 let mut hash = [0u8; 32];
                 hash.copy_from_slice(&r[16..48]);
+                let pieces = u64::from_le_bytes(r[48..56].try_into().unwrap_or([0; 8]));
+                let at = u64::from_le_bytes(r[56..64].try_into().unwrap_or([0; 8]));
                 if r[12] == RUN {
                     let run = [b, b.saturating_add(u64::from(len))];
                     st.zeros = union(st.zeros.iter().copied().chain([run]).collect());
@@ -163,6 +199,8 @@ impl Incoming {
                             zero: r[12] == 1,
                             hash,
                             confirmed,
+                            pieces: if r[12] == PARTIAL { pieces } else { 0 },
+                            at,
                         },
                     );
                 }
@@ -248,15 +286,42 @@ impl Incoming {
     /// Checks a block (or a run of zero blocks) from the stream and stages it.
     pub fn put(&mut self, b: &Block) -> Result<()> {
         let run = self.check(b)?;
+        self.stage(b, run, 0)
+    }
+
+    /// Stages a block `partial::compose` made and checked, of which only `pieces` changed
+    /// (the rest is the latest file's): only those pieces are written here.
+    pub fn put_composed(&mut self, b: &Block, pieces: u64) -> Result<()> {
+        if b.offset % self.bs != 0 || b.len == 0 || u64::from(b.len) > self.bs {
+            return Err(Error::Invalid(format!(
+                "block at {} of file {}: does not fit the {}-byte blocks",
+                b.offset, b.id, self.bs
+            )));
+        }
+        if !self.files.contains_key(&b.id) && self.files.len() >= MAX_FILES {
+            return Err(Error::Invalid("too many files in one cycle".into()));
+        }
+        self.stage(b, None, if b.zero { 0 } else { pieces })
+    }
+
+    fn stage(&mut self, b: &Block, run: Option<u64>, pieces: u64) -> Result<()> {
         let first = b.offset / self.bs;
         let (data_path, idx_path) = self.paths(b.id);
+        let at = if pieces != 0 {
+            self.append_pieces(b, pieces)?
+        } else {
+            0
+        };
         let record = match run {
-            Some(n) => encode(first, n as u32, RUN, &b.hash),
-            None => encode(first, b.len, u8::from(b.zero), &b.hash),
+            Some(n) => encode(first, n as u32, RUN, &b.hash, (0, 0)),
+            None if pieces != 0 => encode(first, b.len, PARTIAL, &b.hash, (pieces, at)),
+            None => encode(first, b.len, u8::from(b.zero), &b.hash, (0, 0)),
         };
         {
             let (data, idx) = self.files(b.id)?;
-            if !b.zero {
+            if pieces != 0 {
+                // In `<id>.pieces` (above).
+            } else if !b.zero {
                 data.write_all_at(&b.data, b.offset).at(&data_path)?;
             } else if data.metadata().at(&data_path)?.len() > b.offset {
                 // Zeros over bytes an earlier attempt staged: the staged file must stay
@@ -284,6 +349,8 @@ impl Incoming {
                         zero: b.zero,
                         hash: b.hash,
                         confirmed: true,
+                        pieces,
+                        at,
                     },
                 );
             }
@@ -305,6 +372,10 @@ impl Incoming {
         let Some(s) = st.blocks.get(&block).copied() else {
             return Ok(None);
         };
+        if s.pieces != 0 {
+            // Only its pieces are here, not a block to hash: it is sent again.
+            return Ok(None);
+        }
         let h = if s.zero {
             BlockHash::Zero
         } else {
@@ -329,6 +400,66 @@ impl Incoming {
         Ok(Some(h))
     }
 
+    fn pieces_path(&self, id: FileId) -> PathBuf {
+        self.dir.join(format!("{id}.pieces"))
+    }
+
+    fn piece_file(&mut self, id: FileId) -> Result<&mut (File, u64)> {
+        if !self.piece_files.contains_key(&id) {
+            if self.piece_files.len() >= OPEN_CAP {
+                self.piece_files.clear();
+            }
+            let p = self.pieces_path(id);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .at(&p)?;
+            let len = f.metadata().at(&p)?.len();
+            self.piece_files.insert(id, (f, len));
+        }
+        self.piece_files
+            .get_mut(&id)
+            .ok_or_else(|| Error::Invalid("staging file vanished".into()))
+    }
+
+    /// Appends the bytes of `b`'s pieces `mask` to `<id>.pieces`; where they start.
+    fn append_pieces(&mut self, b: &Block, mask: u64) -> Result<u64> {
+        let mut bytes = Vec::with_capacity(b.data.len());
+        for r in piece_ranges(b.len, mask) {
+            bytes.extend_from_slice(&b.data[r]);
+        }
+        let p = self.pieces_path(b.id);
+        let (f, len) = self.piece_file(b.id)?;
+        let at = *len;
+        f.write_all_at(&bytes, at).at(&p)?;
+        *len += bytes.len() as u64;
+        Ok(at)
+    }
+
+    /// Lays the staged pieces of partial block `s` of file `id` over `block` (its bytes
+    /// as the latest file holds them).
+    pub fn read_pieces(&mut self, id: FileId, s: &Staged, block: &mut [u8]) -> Result<()> {
+        let ranges: Vec<std::ops::Range<usize>> = piece_ranges(s.len, s.pieces).collect();
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        let mut bytes = vec![0u8; total];
+        let p = self.pieces_path(id);
+        let (f, _) = self.piece_file(id)?;
+        let n = sys::read_full(f, &mut bytes, s.at).at(&p)?;
+        if n != total {
+            return Err(Error::corrupt(&p, "shorter than its index says"));
+        }
+        let mut from = 0;
+        for r in ranges {
+            let n = r.len();
+            block[r].copy_from_slice(&bytes[from..from + n]);
+            from += n;
+        }
+        Ok(())
+    }
+
     /// Reads a staged block's bytes.
     pub fn read(&mut self, id: FileId, block: u64, buf: &mut [u8]) -> Result<()> {
         let off = block * self.bs;
@@ -349,7 +480,7 @@ impl Incoming {
     pub fn adoptable(&self, id: FileId) -> bool {
         self.files
             .get(&id)
-            .is_some_and(|f| f.blocks.values().all(|s| s.confirmed))
+            .is_some_and(|f| f.blocks.values().all(|s| s.confirmed && s.pieces == 0))
             && self.data_file(id).exists()
     }
 
@@ -401,23 +532,26 @@ impl Incoming {
     /// everything staged durable.
     pub fn seal(&mut self) -> Result<()> {
         self.open.clear();
+        self.piece_files.clear();
         let ids: Vec<FileId> = self.files.keys().copied().collect();
         for id in ids {
             let (d, i) = self.paths(id);
             let mut body = Vec::new();
             for (b, s) in self.confirmed(id) {
-                body.extend_from_slice(&encode(b, s.len, u8::from(s.zero), &s.hash));
+                body.extend_from_slice(&encode(b, s.len, kind_of(&s), &s.hash, (s.pieces, s.at)));
             }
             for r in self.zero_runs(id) {
                 let mut start = r[0];
                 while start < r[1] {
                     let n = (r[1] - start).min(u64::from(u32::MAX));
-                    body.extend_from_slice(&encode(start, n as u32, RUN, &[0; 32]));
+                    body.extend_from_slice(&encode(start, n as u32, RUN, &[0; 32], (0, 0)));
                     start += n;
                 }
             }
-            if d.exists() {
-                File::open(&d).at(&d)?.sync_all().at(&d)?;
+            for f in [&d, &self.pieces_path(id)] {
+                if f.exists() {
+                    File::open(f).at(f)?.sync_all().at(f)?;
+                }
             }
             sys::write_atomic(&i, &body).at(&i)?;
         }

@@ -160,7 +160,9 @@ impl ReplicaStore for Receiving {
         }
         let base = self.base.as_ref().and_then(|(_, f)| f.as_ref());
         let block = partial::compose(p, base, self.replica.cfg.block_size)?;
-        self.incoming()?.put(&block)
+        // On a latest file only the pieces change; a new file gets the block whole.
+        let pieces = if base.is_some() { p.data | p.zero } else { 0 };
+        self.incoming()?.put_composed(&block, pieces)
     }
 
     fn hashes(
