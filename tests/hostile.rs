@@ -338,6 +338,21 @@ fn partial_blocks_are_composed_on_the_latest_block_and_checked_whole() {
     );
     assert!(err.contains("fails its BLAKE3"), "{err}");
     assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), old);
+    // Pieces that check out, but of a block beyond any file (composed on zeros there):
+    // refused before anything is staged or written.
+    let mut far = good.clone();
+    far.offset = 1 << 52;
+    let mut block = vec![0u8; BS as usize];
+    block[4096..8192].fill(0xaa);
+    far.hash = *blake3::hash(&block).as_bytes();
+    let out = c.feed(&partial_stream(1, &[far], m()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a partial block beyond any file was accepted"
+    );
+    assert!(err.contains("beyond any file"), "{err}");
+    assert_eq!(std::fs::metadata(c.replica.join("f")).unwrap().len(), BS);
     // The right pieces make the new block, and the old one is kept in the older point.
     let out = c.feed(&partial_stream(1, &[good], m()));
     assert!(out.status.success(), "{out:?}");

@@ -242,16 +242,17 @@ impl Incoming {
             .ok_or_else(|| Error::Invalid("staging file vanished".into()))
     }
 
-    fn check(&self, b: &Block) -> Result<Option<u64>> {
-        let bs = self.bs;
+    /// Where a block may be: on a block boundary, inside any file, in a cycle that has
+    /// not staged too many files.
+    fn bounds(&self, b: &Block) -> Result<()> {
         let bad = |why: &str| {
             Err(Error::Invalid(format!(
                 "block at {} of file {}: {why}",
                 b.offset, b.id
             )))
         };
-        if b.offset % bs != 0 || b.len == 0 {
-            return bad(&format!("does not fit the {bs}-byte blocks"));
+        if b.offset % self.bs != 0 || b.len == 0 {
+            return bad(&format!("does not fit the {}-byte blocks", self.bs));
         }
         if b.offset
             .checked_add(u64::from(b.len))
@@ -262,6 +263,18 @@ impl Incoming {
         if !self.files.contains_key(&b.id) && self.files.len() >= MAX_FILES {
             return Err(Error::Invalid("too many files in one cycle".into()));
         }
+        Ok(())
+    }
+
+    fn check(&self, b: &Block) -> Result<Option<u64>> {
+        let bs = self.bs;
+        let bad = |why: &str| {
+            Err(Error::Invalid(format!(
+                "block at {} of file {}: {why}",
+                b.offset, b.id
+            )))
+        };
+        self.bounds(b)?;
         if b.zero && u64::from(b.len) > bs {
             // A run of whole zero blocks.
             if u64::from(b.len) % bs != 0 || b.hash != zero_hash(bs as usize) {
@@ -292,14 +305,12 @@ impl Incoming {
     /// Stages a block `partial::compose` made and checked, of which only `pieces` changed
     /// (the rest is the latest file's): only those pieces are written here.
     pub fn put_composed(&mut self, b: &Block, pieces: u64) -> Result<()> {
-        if b.offset % self.bs != 0 || b.len == 0 || u64::from(b.len) > self.bs {
+        self.bounds(b)?;
+        if u64::from(b.len) > self.bs {
             return Err(Error::Invalid(format!(
                 "block at {} of file {}: does not fit the {}-byte blocks",
                 b.offset, b.id, self.bs
             )));
-        }
-        if !self.files.contains_key(&b.id) && self.files.len() >= MAX_FILES {
-            return Err(Error::Invalid("too many files in one cycle".into()));
         }
         self.stage(b, None, if b.zero { 0 } else { pieces })
     }
