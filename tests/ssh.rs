@@ -559,6 +559,27 @@ fn a_link_killed_mid_cycle_resumes_without_resending_what_was_staged() {
     f.unmount();
 }
 
+/// Ships one cycle, sampling every 250 ms what the receiver has staged in `replica`:
+/// the samples (seconds since the start, bytes) and the cycle's time.
+fn ship_sampled(f: &Fixture, replica: &Path) -> (Vec<(f64, u64)>, f64) {
+    let t0 = Instant::now();
+    let mut ship = drfs()
+        .arg("ship")
+        .arg(&f.store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut samples = Vec::new();
+    while ship.try_wait().unwrap().is_none() {
+        samples.push((t0.elapsed().as_secs_f64(), staged(replica)));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = ship.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (samples, t0.elapsed().as_secs_f64())
+}
+
 /// The rates of every 10 s window of `samples` (time, bytes staged) between the first MiB
 /// and the last 2 MiB of `total` (pipes filling and draining), one second apart; their
 /// deviations from `rate` in %, and the worst.
@@ -625,23 +646,7 @@ fn a_bandwidth_cap_holds_over_ten_second_windows_and_status_says_when_cycles_ove
         f.m("disk.img").display(),
         CHANGED / MIB
     ));
-    let t0 = Instant::now();
-    let mut ship = drfs()
-        .arg("ship")
-        .arg(&f.store)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // What arrived, every 250 ms, as the receiver staged it.
-    let mut samples = Vec::new();
-    while ship.try_wait().unwrap().is_none() {
-        samples.push((t0.elapsed().as_secs_f64(), staged(&replica)));
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let out = ship.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let took = t0.elapsed().as_secs_f64();
+    let (samples, took) = ship_sampled(&f, &replica);
     let (rates, dev, worst) = windows(&samples, CHANGED, RATE);
     eprintln!(
         "--bwlimit 6M (6 MiB/s): {} MiB in {took:.1} s = {:.3} MiB/s overall; {} windows of 10 s: {}; worst {worst:.1} %",
@@ -895,22 +900,7 @@ fn over_a_wan_link_a_cycle_completes_the_cap_holds_and_a_cut_link_resumes() {
     // A cap under the link's rate holds over 10 s windows.
     protect(&["--bwlimit", "2M"]);
     rewrite();
-    let t0 = Instant::now();
-    let mut ship = drfs()
-        .arg("ship")
-        .arg(&f.store)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut samples = Vec::new();
-    while ship.try_wait().unwrap().is_none() {
-        samples.push((t0.elapsed().as_secs_f64(), staged(&replica)));
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let out = ship.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let took = t0.elapsed().as_secs_f64();
+    let (samples, took) = ship_sampled(&f, &replica);
     let (rates, dev, worst) = windows(&samples, CHANGED, RATE);
     eprintln!(
         "WAN link, --bwlimit 2M: {} MiB in {took:.1} s = {:.3} MiB/s overall; {} windows of 10 s: {}; worst {worst:.1} %; dropped by the filter: {}",

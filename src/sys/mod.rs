@@ -315,6 +315,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     fsync_dir(dir)
 }
 
+/// Opens `path` to read and write, creating it if it is not there (never truncating).
+pub fn open_rw(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// Reads up to `buf.len()` bytes at `off`; fewer only at end of file.
 pub fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;

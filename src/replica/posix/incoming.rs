@@ -222,13 +222,7 @@ impl Incoming {
                 self.open.clear();
             }
             let (d, i) = self.paths(id);
-            let data = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&d)
-                .at(&d)?;
+            let data = crate::sys::open_rw(&d).at(&d)?;
             let idx = OpenOptions::new()
                 .append(true)
                 .create(true)
@@ -421,13 +415,7 @@ impl Incoming {
                 self.piece_files.clear();
             }
             let p = self.pieces_path(id);
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .at(&p)?;
+            let f = crate::sys::open_rw(&p).at(&p)?;
             let len = f.metadata().at(&p)?.len();
             self.piece_files.insert(id, (f, len));
         }

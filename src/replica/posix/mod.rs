@@ -294,13 +294,7 @@ impl Replica {
     /// while an apply is changing the latest files (see `view`).
     pub fn set_applying(&self, on: bool) -> Result<()> {
         let p = self.sd.path(SEQ);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p)
-            .at(&p)?;
+        let f = crate::sys::open_rw(&p).at(&p)?;
         let mut b = [0u8; 8];
         let n = sys::read_full(&f, &mut b, 0).at(&p)?;
         let v = if n == 8 { u64::from_le_bytes(b) } else { 0 };

@@ -12,7 +12,7 @@
 //! all-zero record is no record (a hole: a zero block, or one written before records were
 //! kept). Only for block sizes above 4 KiB (at 4 KiB a piece is the block).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -96,13 +96,7 @@ pub struct Pieces {
 impl Pieces {
     pub fn open(hashes: &Path, bs: u64) -> Result<Pieces> {
         let p = path(hashes);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p)
-            .at(&p)?;
+        let f = crate::sys::open_rw(&p).at(&p)?;
         Ok(Pieces {
             f,
             p,
