@@ -112,6 +112,14 @@ pub fn piece_ranges(len: u32, mask: u64) -> impl Iterator<Item = std::ops::Range
         .filter(|r| !r.is_empty())
 }
 
+/// A block the staging area will not take, and why.
+fn refused<T>(b: &Block, why: &str) -> Result<T> {
+    Err(Error::Invalid(format!(
+        "block at {} of file {}: {why}",
+        b.offset, b.id
+    )))
+}
+
 impl Incoming {
     /// Starts receiving `generation`: resumes what an earlier attempt of the same
     /// generation staged, or starts clean.
@@ -239,20 +247,14 @@ impl Incoming {
     /// Where a block may be: on a block boundary, inside any file, in a cycle that has
     /// not staged too many files.
     fn bounds(&self, b: &Block) -> Result<()> {
-        let bad = |why: &str| {
-            Err(Error::Invalid(format!(
-                "block at {} of file {}: {why}",
-                b.offset, b.id
-            )))
-        };
         if b.offset % self.bs != 0 || b.len == 0 {
-            return bad(&format!("does not fit the {}-byte blocks", self.bs));
+            return refused(b, &format!("does not fit the {}-byte blocks", self.bs));
         }
         if b.offset
             .checked_add(u64::from(b.len))
             .is_none_or(|e| e > MAX_FILE)
         {
-            return bad("beyond any file");
+            return refused(b, "beyond any file");
         }
         if !self.files.contains_key(&b.id) && self.files.len() >= MAX_FILES {
             return Err(Error::Invalid("too many files in one cycle".into()));
@@ -262,12 +264,7 @@ impl Incoming {
 
     fn check(&self, b: &Block) -> Result<Option<u64>> {
         let bs = self.bs;
-        let bad = |why: &str| {
-            Err(Error::Invalid(format!(
-                "block at {} of file {}: {why}",
-                b.offset, b.id
-            )))
-        };
+        let bad = |why: &str| refused(b, why);
         self.bounds(b)?;
         if b.zero && u64::from(b.len) > bs {
             // A run of whole zero blocks.
@@ -296,15 +293,13 @@ impl Incoming {
         self.stage(b, run, 0)
     }
 
-    /// Stages a block `partial::compose` made and checked, of which only `pieces` changed
-    /// (the rest is the latest file's): only those pieces are written here.
-    pub fn put_composed(&mut self, b: &Block, pieces: u64) -> Result<()> {
+    /// Stages a block the caller made and checked against its hash (`partial::compose`,
+    /// or a roll-back's read of a point), of which only `pieces` changed (the rest is the
+    /// latest file's: only those pieces are written here; 0: the whole block).
+    pub fn put_checked(&mut self, b: &Block, pieces: u64) -> Result<()> {
         self.bounds(b)?;
         if u64::from(b.len) > self.bs {
-            return Err(Error::Invalid(format!(
-                "block at {} of file {}: does not fit the {}-byte blocks",
-                b.offset, b.id, self.bs
-            )));
+            return refused(b, &format!("does not fit the {}-byte blocks", self.bs));
         }
         self.stage(b, None, if b.zero { 0 } else { pieces })
     }
@@ -324,11 +319,11 @@ impl Incoming {
         };
         {
             let (data, idx) = self.files(b.id)?;
-            if pieces != 0 {
-                // In `<id>.pieces` (above).
-            } else if !b.zero {
+            // A partial block's pieces went to `<id>.pieces` (above).
+            let whole = pieces == 0;
+            if whole && !b.zero {
                 data.write_all_at(&b.data, b.offset).at(&data_path)?;
-            } else if data.metadata().at(&data_path)?.len() > b.offset {
+            } else if whole && data.metadata().at(&data_path)?.len() > b.offset {
                 // Zeros over bytes an earlier attempt staged: the staged file must stay
                 // exactly what is staged (a new file is moved into place as it is).
                 crate::sys::punch_hole(data, b.offset, u64::from(b.len)).at(&data_path)?;

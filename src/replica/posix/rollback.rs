@@ -174,14 +174,22 @@ fn stage(
     buf[got..len].fill(0);
     let data = &buf[..len];
     let zero = data.iter().all(|&x| x == 0);
-    inc.put(&Block {
-        id: e.id.unwrap_or(FileId(0)),
-        offset: off,
-        len: len as u32,
-        zero,
-        hash: *blake3::hash(data).as_bytes(),
-        data: if zero { Vec::new() } else { data.to_vec() },
-    })?;
+    // Checked against the point's entry by the read: staged without checking it again.
+    inc.put_checked(
+        &Block {
+            id: e.id.unwrap_or(FileId(0)),
+            offset: off,
+            len: len as u32,
+            zero,
+            hash: if zero {
+                crate::wire::zero_hash(len)
+            } else {
+                *blake3::hash(data).as_bytes()
+            },
+            data: if zero { Vec::new() } else { data.to_vec() },
+        },
+        0,
+    )?;
     Ok(len as u64)
 }
 

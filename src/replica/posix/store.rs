@@ -162,7 +162,7 @@ impl ReplicaStore for Receiving {
         let block = partial::compose(p, base, self.replica.cfg.block_size)?;
         // On a latest file only the pieces change; a new file gets the block whole.
         let pieces = if base.is_some() { p.data | p.zero } else { 0 };
-        self.incoming()?.put_composed(&block, pieces)
+        self.incoming()?.put_checked(&block, pieces)
     }
 
     fn hashes(
