@@ -514,43 +514,23 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
             set_pieces(inc, *id, &f, &at, &hp, *size, bs, &mut buf)?;
             continue;
         }
-        // Zero blocks become holes, where the file has bytes to punch.
-        let cur = f.metadata().at(&at)?.len();
-        for run in inc.zero_runs(*id) {
-            let (a, b) = (run[0] * bs, (run[1] * bs).min(cur).min(*size));
-            if a < b {
-                punch_hole(&f, a, b - a).at(&at)?;
-            }
-        }
-        for (b, s) in inc.confirmed(*id) {
-            let off = b * bs;
-            if off >= *size {
-                continue;
-            }
-            let len = u64::from(s.len).min(size - off);
-            if s.zero {
-                if off < cur {
-                    punch_hole(&f, off, len).at(&at)?;
-                }
-            } else if s.pieces != 0 {
-                // A partial block: its other pieces are the file's already. Written back
-                // whole, so the disk sees one write a block, not one a piece.
-                let chunk = &mut buf[..s.len as usize];
-                let got = sys::read_full(&f, chunk, off).at(&at)?;
-                chunk[got..].fill(0);
-                inc.read_pieces(*id, &s, chunk)?;
-                f.write_all_at(&chunk[..len as usize], off).at(&at)?;
-            } else {
-                let chunk = &mut buf[..s.len as usize];
-                inc.read(*id, b, chunk)?;
-                f.write_all_at(&chunk[..len as usize], off).at(&at)?;
-            }
-        }
+        // Piece records as the blocks are written (a file that gets its index computed
+        // gets its records with it).
+        let cv = if !compute && pieces::kept(bs) {
+            Some(Pieces::open(&hp, bs)?)
+        } else {
+            None
+        };
+        let reread = write_blocks(inc, *id, &f, &at, *size, bs, &mut buf, cv.as_ref())?;
         f.set_len(*size).at(&at)?;
         if compute {
             crate::replica::posix::hashes::compute(&f, *size, bs, &hp)?;
         } else {
-            set_pieces(inc, *id, &f, &at, &hp, *size, bs, &mut buf)?;
+            if let Some(cv) = &cv {
+                reread_pieces(cv, &f, &at, &reread, *size, bs, &mut buf)?;
+                cv.set_blocks(size.div_ceil(bs))?;
+                cv.sync()?;
+            }
             if let Some((_, old)) = plan.old_files.get(id) {
                 rehash_grown_tail(&f, &at, &hp, *old, *size, bs, &inc.changed(*id), &mut buf)?;
             }
@@ -558,6 +538,88 @@ fn data(r: &Replica, inc: &mut Incoming, plan: &Plan) -> Result<()> {
         crate::sys::fault::hit("apply:data-file");
     }
     syncfs(&r.root)
+}
+
+/// Writes the blocks this cycle brought for file `id` into `f` (zero runs and zero
+/// blocks as holes where it has bytes) and their piece records into `cv` from the bytes
+/// written; the blocks whose record must be read back from the file once it has its
+/// size (a short block the file now extends past).
+#[allow(clippy::too_many_arguments)]
+fn write_blocks(
+    inc: &mut Incoming,
+    id: FileId,
+    f: &File,
+    at: &Path,
+    size: u64,
+    bs: u64,
+    buf: &mut [u8],
+    cv: Option<&Pieces>,
+) -> Result<Vec<u64>> {
+    let cur = f.metadata().at(at)?.len();
+    for run in inc.zero_runs(id) {
+        let (a, b) = (run[0] * bs, (run[1] * bs).min(cur).min(size));
+        if a < b {
+            punch_hole(f, a, b - a).at(at)?;
+        }
+        if let Some(cv) = cv {
+            cv.clear(run[0], run[1])?;
+        }
+    }
+    let mut reread = Vec::new();
+    for (b, s) in inc.confirmed(id) {
+        let off = b * bs;
+        if off >= size {
+            continue;
+        }
+        let len = u64::from(s.len).min(size - off);
+        let chunk = &mut buf[..s.len as usize];
+        if s.zero {
+            if off < cur {
+                punch_hole(f, off, len).at(at)?;
+            }
+            if let Some(cv) = cv {
+                cv.clear(b, b + 1)?;
+            }
+            continue;
+        }
+        if s.pieces != 0 {
+            // A partial block: its other pieces are the file's already. Written back
+            // whole, so the disk sees one write a block, not one a piece.
+            let got = sys::read_full(f, chunk, off).at(at)?;
+            chunk[got..].fill(0);
+            inc.read_pieces(id, &s, chunk)?;
+        } else {
+            inc.read(id, b, chunk)?;
+        }
+        f.write_all_at(&chunk[..len as usize], off).at(at)?;
+        match cv {
+            Some(cv) if len == (size - off).min(bs) => cv.set(b, &chunk[..len as usize])?,
+            Some(_) => reread.push(b),
+            None => {}
+        }
+    }
+    Ok(reread)
+}
+
+/// The piece records of blocks `blocks` of file `f`, read back from it as it now holds
+/// them.
+fn reread_pieces(
+    cv: &Pieces,
+    f: &File,
+    at: &Path,
+    blocks: &[u64],
+    size: u64,
+    bs: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    for &b in blocks {
+        let off = b * bs;
+        let n = (size - off).min(bs) as usize;
+        let got = sys::read_full(f, &mut buf[..n], off).at(at)?;
+        buf[got..n].fill(0);
+        cv.set(b, &buf[..n])?;
+    }
+    Ok(())
 }
 
 /// The piece records of the blocks this cycle brought into file `f` (read back from it,
@@ -580,20 +642,18 @@ fn set_pieces(
     for run in inc.zero_runs(id) {
         cv.clear(run[0], run[1])?;
     }
+    let mut data = Vec::new();
     for (b, s) in inc.confirmed(id) {
-        let off = b * bs;
-        if off >= size {
+        if b * bs >= size {
             continue;
         }
-        let n = (size - off).min(bs) as usize;
         if s.zero {
             cv.clear(b, b + 1)?;
-            continue;
+        } else {
+            data.push(b);
         }
-        let got = sys::read_full(f, &mut buf[..n], off).at(at)?;
-        buf[got..n].fill(0);
-        cv.set(b, &buf[..n])?;
     }
+    reread_pieces(&cv, f, at, &data, size, bs, buf)?;
     cv.set_blocks(size.div_ceil(bs))?;
     cv.sync()
 }
