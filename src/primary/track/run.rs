@@ -171,8 +171,13 @@ pub fn info(sd: &StateDir) -> Option<RunInfo> {
 
 /// Records a clean stop; call only once nothing can change the store through the mount.
 pub fn mark_clean(sd: &StateDir) -> Result<()> {
-    // Any change through the mount happened before now; wait out coarse timestamps.
-    std::thread::sleep(std::time::Duration::from_nanos(2 * CLOCK_MARGIN_NS as u64));
+    // Any change through the mount happened before now, and its ctime is at most the
+    // time it happened (the kernel's clock lags, never leads): once the margin and a
+    // little have passed, `since_ns` below is after every such ctime, and a change from
+    // here on gets a ctime at or after it (it lags by less than the margin).
+    std::thread::sleep(std::time::Duration::from_nanos(
+        (CLOCK_MARGIN_NS + 5_000_000) as u64,
+    ));
     let m = CleanMarker {
         since_ns: sys::now_ns() - CLOCK_MARGIN_NS,
         time: rfc3339_now(),
