@@ -849,21 +849,6 @@ fn a_buffered_read_of_a_point_is_cached_once() {
 /// The replica's block size in these tests (drfs's default).
 const BS: u64 = 65536;
 
-/// XORs the byte at `off` of `p` with 0x20 (bit rot, a bad disk, a stray write).
-fn flip(p: &Path, off: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x20;
-    f.write_all_at(&b, off).unwrap();
-    f.sync_all().unwrap();
-}
-
 /// Reads `p` one block (`BS`) per pread, in one open (O_DIRECT if `direct`), `again`
 /// times over: per block, its bytes or the errno of the last pass. The kernel may split a
 /// read into several requests, and a bad block's pieces before the bad one check out:

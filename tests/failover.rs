@@ -104,6 +104,44 @@ fn three_points(name: &str) -> (Rep, [String; 3]) {
     (r, [p1, p2, p3])
 }
 
+/// Every data block of the replica's latest file `name` has a piece record, and it is the
+/// block's (a roll-back copies them from the undo records its blocks come from).
+fn piece_records_match(replica: &Path, name: &str) {
+    use drfs::replica::posix::{Replica, pieces};
+    use std::os::unix::fs::FileExt;
+    let r = Replica::open_only(replica).unwrap();
+    let latest = r.latest().unwrap().unwrap();
+    let m = r.manifest(&latest.id).unwrap();
+    let e = m
+        .entries
+        .iter()
+        .find(|e| e.path.to_string() == name)
+        .unwrap();
+    let bs = r.cfg.block_size;
+    let cv = pieces::Pieces::open_ro(&r.hash_file(e.id.unwrap()), bs).unwrap();
+    let f = fs::File::open(replica.join(name)).unwrap();
+    let mut holes = drfs::sys::Holes::new(&f);
+    let (mut buf, mut checked) = (vec![0u8; bs as usize], 0);
+    for b in 0..e.size.div_ceil(bs) {
+        let len = (e.size - b * bs).min(bs);
+        if holes.hole(b * bs, len) {
+            continue;
+        }
+        let data = &mut buf[..len as usize];
+        f.read_exact_at(data, b * bs).unwrap();
+        if drfs::sys::is_zero(data) {
+            continue;
+        }
+        let rec = cv.get(b, len.div_ceil(pieces::PIECE)).unwrap();
+        assert!(
+            rec == Some(pieces::of(data)),
+            "{name}: the piece record of block {b} is not the block's"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "{name}: no data block");
+}
+
 #[test]
 #[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit() {
@@ -114,6 +152,7 @@ fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit(
     let text = stdout(&out);
     println!("{text}");
     same_tree_excluding_state(&r.snaps.join(&p1), rep, "failed over to p1");
+    piece_records_match(rep, "disk.raw");
     let rewritten = bytes_in(&text, "rewritten");
     println!("failover to p1 of a 4 GiB disk rewrote {rewritten} bytes");
     assert!(
@@ -129,6 +168,7 @@ fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit(
     // Change of point, twice, before mounting.
     ok(&mut failover(rep, &["--point", &p2]));
     same_tree_excluding_state(&r.snaps.join(&p2), rep, "changed to p2");
+    piece_records_match(rep, "disk.raw");
     let out = ok(&mut failover(rep, &[]));
     println!("{}", stdout(&out));
     same_tree_excluding_state(&r.snaps.join(&p3), rep, "changed to the newest");
@@ -371,6 +411,34 @@ fn bad_input_to_failover_is_one_line_and_changes_nothing() {
     same_tree_excluding_state(&r.f.store, &r.replica, "after the refusals");
 }
 
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_corrupt_undo_record_stops_a_failover_before_anything_changes() {
+    let (r, [p1, _, p3]) = three_points("corruptundo");
+    // p1's record holds the disk's blocks p2 overwrote (4-12 MiB; 4-8 MiB were data at
+    // p1): a roll-back to p1 takes them from there.
+    let undo = r.replica.join(format!(".drfs/points/{p1}/undo"));
+    let disk = fs::read_dir(&undo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "data"))
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    flip(&disk, 5 * M + 4321);
+    let out = failover(&r.replica, &["--point", &p1]).output().unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stderr));
+    fails(out, "does not match its BLAKE3; nothing was changed");
+    same_tree_excluding_state(&r.snaps.join(&p3), &r.replica, "after the refusal");
+    assert!(
+        !fs::read_to_string(r.replica.join(".drfs/state.toml"))
+            .unwrap()
+            .contains("[promoted]")
+    );
+    // To the newest point nothing is rolled back: the failover still works.
+    ok(&mut failover(&r.replica, &[]));
+    same_tree_excluding_state(&r.snaps.join(&p3), &r.replica, "failed over to p3");
+}
+
 /// An operation on a locked mount: refused with EROFS.
 fn read_only(what: &str, r: std::io::Result<impl Sized>) {
     match r {
@@ -534,9 +602,14 @@ fn a_planned_failover_killed_at_any_step_completes_when_run_again() {
 #[test]
 #[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
 fn an_unplanned_failover_and_a_reprotect_killed_at_any_step_complete_when_run_again() {
+    // The roll-back's blocks are staged by reference to the undo records: killed in
+    // the apply's place and data phases, it rolls forward from the records.
     for fault in [
         "apply:sealed",
         "apply:undo",
+        "apply:place",
+        "apply:data-file",
+        "apply:data",
         "failover:rolled-back",
         "failover:seeded",
     ] {

@@ -6,6 +6,8 @@
 //! intermediate one), the read check, and the refusals (a diverged base, a replica of
 //! another store), all in-process. Runs as any user.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter};
 use std::os::unix::net::UnixStream;
@@ -19,6 +21,8 @@ use drfs::replica::PointStore;
 use drfs::replica::posix::Replica;
 use drfs::ship::session::{self, Cycle, Hello};
 use drfs::ship::{Blocks, Source, SourceFile};
+
+use common::flip;
 use drfs::wire::{Reader, Writer};
 
 const BS: u64 = 65536;
@@ -400,20 +404,6 @@ fn a_diverged_base_or_another_store_is_refused_and_nothing_applied() {
     assert_eq!(e.class(), Class::Operator, "{e}");
     assert!(e.to_string().contains("another store"), "{e}");
     let _ = c.receiver.join();
-}
-
-/// Flips one bit of the byte at `off` of `p`.
-fn flip(p: &Path, off: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x10;
-    f.write_all_at(&b, off).unwrap();
 }
 
 /// 4 KiB of file `e` of point `id` at `off`, read through a fresh open.

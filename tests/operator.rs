@@ -385,20 +385,6 @@ fn a_real_prometheus_scrapes_the_daemon() {
     f.unmount();
 }
 
-/// XORs the byte at `off` of `p` with 0x20.
-fn flip(p: &Path, off: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    b[0] ^= 0x20;
-    f.write_all_at(&b, off).unwrap();
-}
-
 fn verify(replica: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
     let out = drfs()
         .arg("verify")

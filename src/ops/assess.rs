@@ -306,7 +306,7 @@ fn sample_tick(
             continue;
         }
         let data = &buf[..n];
-        let zero = data.iter().all(|&x| x == 0);
+        let zero = crate::sys::is_zero(data);
         w.block(&Block {
             id: took.files[i].id,
             offset: b * bs,

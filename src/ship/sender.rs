@@ -140,7 +140,7 @@ impl<'a, W: Write, R: Read> Shipper<'a, W, R> {
         };
         for i in (0..n).filter(|i| mask & (1 << i) != 0) {
             let piece = &self.buf[Partial::piece(len, i)];
-            if piece.iter().all(|&x| x == 0) {
+            if crate::sys::is_zero(piece) {
                 p.zero |= 1 << i;
             } else {
                 p.data |= 1 << i;

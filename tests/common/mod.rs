@@ -286,6 +286,21 @@ pub fn fails(out: Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// XORs the byte at `off` of `p` with 0x20 (bit rot, a bad disk, a stray write).
+pub fn flip(p: &Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 0x20;
+    f.write_all_at(&b, off).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// `drfs ARGS`, its output.
 pub fn run(args: &[&OsStr]) -> Output {
     drfs().args(args).output().unwrap()

@@ -158,7 +158,7 @@ impl Cow {
             buf[got..].fill(0);
         }
         mark(&self.shipped, b);
-        Ok(buf.iter().all(|&x| x == 0))
+        Ok(crate::sys::is_zero(buf))
     }
 
     /// Whether block `b` was saved before a change (so a hole in the store says nothing).

@@ -4,7 +4,9 @@
 //! 2. The undo record of the current latest point is written in full and made durable:
 //!    the content of every block the cycle will overwrite or cut off, and of a growing
 //!    file's partial last block (it grows by zeros, so its BLAKE3 changes); deleted files
-//!    are moved into it whole later. Nothing else has changed yet.
+//!    are moved into it whole later. Meanwhile a roll-back's saved blocks (staged by
+//!    reference to older undo records) are checked against their BLAKE3; one that fails
+//!    ends the apply here. Nothing else has changed yet.
 //! 3. `journal.json` records the apply; from here every phase is idempotent, and a restart
 //!    finds the journal and rolls the apply forward from the phase it names:
 //!    detach (files leaving their path go to `hold/`), place (deleted files into the undo
@@ -150,9 +152,7 @@ pub fn commit(r: &Replica, inc: &mut Incoming, manifest: Manifest) -> Result<Poi
         manifest,
     );
     crate::sys::fault::hit("apply:sealed");
-    if let Some(id) = &plan.from {
-        write_undo(r, inc, &plan, id)?;
-    }
+    undo_and_verify(r, inc, &plan)?;
     crate::sys::fault::hit("apply:undo");
     // Readers: the latest files change from here until the apply is published.
     r.set_applying(true)?;
@@ -198,6 +198,21 @@ pub fn recover(r: &Replica) -> Result<()> {
     );
     r.set_applying(true)?;
     roll_forward(r, &mut inc, &plan, j).map(drop)
+}
+
+/// Writes the undo record of the point the apply replaces while another thread checks
+/// the saved blocks (the one is mostly waiting for the disk, the other hashing).
+fn undo_and_verify(r: &Replica, inc: &Incoming, plan: &Plan) -> Result<()> {
+    let (checked, undone) = std::thread::scope(|s| {
+        let check = s.spawn(|| inc.verify_saved());
+        let undone = match &plan.from {
+            Some(id) => write_undo(r, inc, plan, id),
+            None => Ok(()),
+        };
+        (check.join(), undone)
+    });
+    checked.map_err(|_| Error::Invalid("the check of the saved blocks panicked".into()))??;
+    undone
 }
 
 /// The undo record of point `from`: what this cycle overwrites or cuts off.
@@ -589,10 +604,12 @@ fn write_blocks(
             chunk[got..].fill(0);
             inc.read_pieces(id, &s, chunk)?;
         } else {
-            inc.read(id, b, chunk)?;
+            inc.read_block(id, b, &s, chunk)?;
         }
         f.write_all_at(&chunk[..len as usize], off).at(at)?;
         match cv {
+            // A roll-back's block brings its record from the undo record it came from.
+            Some(cv) if s.source.is_some() && inc.copy_saved_pieces(id, b, &s, cv)? => {}
             Some(cv) if len == (size - off).min(bs) => cv.set(b, &chunk[..len as usize])?,
             Some(_) => reread.push(b),
             None => {}
@@ -694,7 +711,7 @@ fn rehash_grown_tail(
     if entry == new {
         return Ok(());
     }
-    if entry == of(&buf[..was]) && buf[was..now].iter().all(|&x| x == 0) {
+    if entry == of(&buf[..was]) && sys::is_zero(&buf[was..now]) {
         h.set(b, &new)?;
         h.sync()?;
         if pieces::kept(bs) {

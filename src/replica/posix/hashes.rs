@@ -63,7 +63,7 @@ impl Hashes {
         let len = self.f.metadata().at(&self.p)?.len();
         let (x, y) = (a * ENTRY, (b * ENTRY).min(len));
         if x < y {
-            crate::sys::punch_hole(&self.f, x, y - x).at(&self.p)?;
+            crate::sys::zero_range(&self.f, x, y - x).at(&self.p)?;
         }
         Ok(())
     }
@@ -108,7 +108,7 @@ impl Hashes {
 
 /// The entry of a block's bytes.
 pub fn of(data: &[u8]) -> [u8; 32] {
-    if data.iter().all(|&x| x == 0) {
+    if crate::sys::is_zero(data) {
         ZERO
     } else {
         *blake3::hash(data).as_bytes()

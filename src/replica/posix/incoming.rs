@@ -10,13 +10,22 @@
 //! not a sparse file of scattered 4 KiB extents): the apply lays them over the latest
 //! file's block, whose other pieces are already the block's (what it was composed on).
 //!
-//! Format v2: `incoming/cycle.json` `{version, generation, base}`; per file `<id>.data`
-//! (data blocks at their own offsets, sparse), `<id>.pieces` (partial blocks' pieces,
-//! appended) and `<id>.idx`, 64-byte records: block u64, length u32, kind u8 (0 data, 1
-//! zero block, 2 run of zero blocks: length counts blocks, 3 partial block), 3 pad bytes,
-//! BLAKE3 of the whole block (32), pieces u64 (of a partial block: bit `i` for bytes
-//! `i*4096..`, else 0), offset u64 of its pieces in `<id>.pieces`. A staging area of
-//! another version is discarded (its blocks are sent again).
+//! A roll-back's block that an undo record of this replica holds (`put_saved`) is not
+//! copied here: its record names the undo record, whose data file has it at its own
+//! offset. An apply never changes the undo records of points it does not replace, so the
+//! block is there as long as the journal names this staging area; `verify_saved` checks
+//! every such block against its BLAKE3 before the apply changes anything.
+//!
+//! Format v3: `incoming/cycle.json` `{version, generation, base}`; `sources.json` (the
+//! undo records saved blocks come from, as paths relative to the state directory:
+//! `["points/<id>/undo", ...]`); per file `<id>.data` (data blocks at their own offsets,
+//! sparse), `<id>.pieces` (partial blocks' pieces, appended) and `<id>.idx`, 64-byte
+//! records: block u64, length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks:
+//! length counts blocks, 3 partial block, 4 saved block), 3 pad bytes, BLAKE3 of the whole
+//! block (32), then u64 pieces (of a partial block: bit `i` for bytes `i*4096..`; of a
+//! saved block: its source's index in `sources.json`; else 0) and u64 offset of a partial
+//! block's pieces in `<id>.pieces`. A staging area of another version is discarded (its
+//! blocks are sent again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -29,10 +38,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{At, Error, Result};
 use crate::model::FileId;
 use crate::model::runs::{minus, union};
+use crate::replica::posix::pieces::Pieces;
 use crate::sys;
 use crate::wire::{Block, BlockHash, zero_hash};
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// No file on a replica may be larger than this (4 PiB).
 pub const MAX_FILE: u64 = 1 << 52;
 /// How many files one cycle may stage.
@@ -41,6 +51,7 @@ const RECORD: usize = 64;
 const OPEN_CAP: usize = 256;
 const RUN: u8 = 2;
 const PARTIAL: u8 = 3;
+const SAVED: u8 = 4;
 /// Index records are buffered 64 at a time: few write calls, and a crash loses at most
 /// the last 64 blocks' records (those blocks are then sent again).
 const IDX_BUFFER: usize = 64 * RECORD;
@@ -56,6 +67,23 @@ pub struct Staged {
     pub pieces: u64,
     /// Where a partial block's pieces start in `<id>.pieces`.
     pub at: u64,
+    /// A saved block: the index of the undo record holding it (`Incoming::sources`).
+    pub source: Option<u32>,
+}
+
+impl Staged {
+    fn record(&self, b: u64) -> [u8; RECORD] {
+        match self.source {
+            Some(i) => encode(b, self.len, SAVED, &self.hash, (u64::from(i), 0)),
+            None => encode(
+                b,
+                self.len,
+                kind_of(self),
+                &self.hash,
+                (self.pieces, self.at),
+            ),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -82,6 +110,11 @@ pub struct Incoming {
     open: HashMap<FileId, (File, BufWriter<File>)>,
     /// The open `<id>.pieces` files and their lengths.
     piece_files: HashMap<FileId, (File, u64)>,
+    /// The undo records saved blocks come from (absolute), and their open data files.
+    sources: Vec<PathBuf>,
+    saved_files: HashMap<(u32, FileId), File>,
+    /// The piece records beside them (None: the record keeps none).
+    saved_pieces: HashMap<(u32, FileId), Option<Pieces>>,
     received: u64,
 }
 
@@ -155,6 +188,9 @@ impl Incoming {
             files: HashMap::new(),
             open: HashMap::new(),
             piece_files: HashMap::new(),
+            sources: Vec::new(),
+            saved_files: HashMap::new(),
+            saved_pieces: HashMap::new(),
             received: 0,
         }
     }
@@ -166,12 +202,67 @@ impl Incoming {
         let b = fs::read(&p).at(&p)?;
         let cf: CycleFile =
             serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))?;
+        // A v2 area (before saved blocks) reads as v3: its records are v3's.
+        if !(2..=VERSION).contains(&cf.version) {
+            return Err(Error::corrupt(&p, format!("version {}", cf.version)));
+        }
         let mut inc = Incoming::empty(dir, cf.generation, bs);
         inc.load(true)?;
         Ok(inc)
     }
 
+    /// The state directory saved blocks' sources are relative to.
+    fn state_dir(&self) -> Result<&Path> {
+        self.dir
+            .parent()
+            .ok_or_else(|| Error::Invalid(format!("{} has no parent", self.dir.display())))
+    }
+
+    fn sources_path(&self) -> PathBuf {
+        self.dir.join("sources.json")
+    }
+
+    fn load_sources(&mut self) -> Result<()> {
+        let p = self.sources_path();
+        let rel: Vec<PathBuf> = match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).at(&p),
+        };
+        if rel.iter().any(|r| {
+            !r.is_relative() || r.components().any(|c| c == std::path::Component::ParentDir)
+        }) {
+            return Err(Error::corrupt(&p, "a source outside the state directory"));
+        }
+        let sd = self.state_dir()?.to_path_buf();
+        self.sources = rel.iter().map(|r| sd.join(r)).collect();
+        Ok(())
+    }
+
+    /// The index of undo record `dir` among the sources, added (durably) if new.
+    fn source_index(&mut self, dir: &Path) -> Result<u32> {
+        if let Some(i) = self.sources.iter().position(|s| s == dir) {
+            return Ok(i as u32);
+        }
+        let sd = self.state_dir()?;
+        let rel = dir
+            .strip_prefix(sd)
+            .map_err(|_| Error::Invalid(format!("{} is not in {}", dir.display(), sd.display())))?;
+        let mut all: Vec<PathBuf> = self
+            .sources
+            .iter()
+            .filter_map(|s| s.strip_prefix(sd).ok().map(Path::to_path_buf))
+            .collect();
+        all.push(rel.to_path_buf());
+        let p = self.sources_path();
+        let body = serde_json::to_vec(&all).map_err(Error::encode)?;
+        sys::write_atomic(&p, &body).at(&p)?;
+        self.sources.push(dir.to_path_buf());
+        Ok((self.sources.len() - 1) as u32)
+    }
+
     fn load(&mut self, confirmed: bool) -> Result<()> {
+        self.load_sources()?;
         for e in fs::read_dir(&self.dir).at(&self.dir)? {
             let path = e.at(&self.dir)?.path();
             let Some(id) = path
@@ -198,20 +289,25 @@ impl Incoming {
                 if r[12] == RUN {
                     let run = [b, b.saturating_add(u64::from(len))];
                     st.zeros = union(st.zeros.iter().copied().chain([run]).collect());
-                } else {
-                    st.zeros = minus(&st.zeros, &[[b, b + 1]]);
-                    st.blocks.insert(
-                        b,
-                        Staged {
-                            len,
-                            zero: r[12] == 1,
-                            hash,
-                            confirmed,
-                            pieces: if r[12] == PARTIAL { pieces } else { 0 },
-                            at,
-                        },
-                    );
+                    continue;
                 }
+                let source = (r[12] == SAVED).then_some(pieces);
+                if source.is_some_and(|i| i >= self.sources.len() as u64) {
+                    return Err(Error::corrupt(&path, "a saved block of an unknown source"));
+                }
+                st.zeros = minus(&st.zeros, &[[b, b + 1]]);
+                st.blocks.insert(
+                    b,
+                    Staged {
+                        len,
+                        zero: r[12] == 1,
+                        hash,
+                        confirmed,
+                        pieces: if r[12] == PARTIAL { pieces } else { 0 },
+                        at,
+                        source: source.map(|i| i as u32),
+                    },
+                );
             }
         }
         Ok(())
@@ -340,23 +436,96 @@ impl Incoming {
                 }
                 st.zeros = union(st.zeros.iter().copied().chain([r]).collect());
             }
-            None => {
-                st.zeros = minus(&st.zeros, &[[first, first + 1]]);
-                st.blocks.insert(
-                    first,
-                    Staged {
-                        len: b.len,
-                        zero: b.zero,
-                        hash: b.hash,
-                        confirmed: true,
-                        pieces,
-                        at,
-                    },
-                );
-            }
+            None => self.insert(
+                b.id,
+                first,
+                Staged {
+                    len: b.len,
+                    zero: b.zero,
+                    hash: b.hash,
+                    confirmed: true,
+                    pieces,
+                    at,
+                    source: None,
+                },
+            ),
         }
+        self.received();
+        Ok(())
+    }
+
+    fn insert(&mut self, id: FileId, first: u64, s: Staged) {
+        let st = self.files.entry(id).or_default();
+        st.zeros = minus(&st.zeros, &[[first, first + 1]]);
+        st.blocks.insert(first, s);
+    }
+
+    fn received(&mut self) {
         self.received += 1;
         crate::sys::fault::hit_nth("receive", self.received);
+    }
+
+    /// Stages a roll-back's block that the undo record in `record` holds at its own
+    /// offset, with its hash entry there (`b.hash`; `b.data` is not used): only its index
+    /// record is written. `verify_saved` checks it before the apply.
+    pub fn put_saved(&mut self, b: &Block, record: &Path) -> Result<()> {
+        self.bounds(b)?;
+        if u64::from(b.len) > self.bs || b.zero {
+            return refused(b, "not a saved data block");
+        }
+        let s = Staged {
+            len: b.len,
+            zero: false,
+            hash: b.hash,
+            confirmed: true,
+            pieces: 0,
+            at: 0,
+            source: Some(self.source_index(record)?),
+        };
+        let first = b.offset / self.bs;
+        let (_, idx_path) = self.paths(b.id);
+        let (_, idx) = self.files(b.id)?;
+        idx.write_all(&s.record(first)).at(&idx_path)?;
+        self.insert(b.id, first, s);
+        self.received();
+        Ok(())
+    }
+
+    /// The data file of the undo record a saved block comes from.
+    fn saved_path(&self, i: u32, id: FileId) -> Result<PathBuf> {
+        self.sources
+            .get(i as usize)
+            .map(|d| crate::replica::posix::undo::data_path(d, id))
+            .ok_or_else(|| Error::corrupt(&self.sources_path(), "no such source"))
+    }
+
+    /// Checks every saved block against its BLAKE3 (read from its undo record): an
+    /// error names the first that fails. Reads only; runs beside other work of the apply.
+    pub fn verify_saved(&self) -> Result<()> {
+        let mut buf = vec![0u8; self.bs as usize];
+        for (id, st) in &self.files {
+            let mut open: HashMap<u32, File> = HashMap::new();
+            for (b, s) in st.blocks.iter().filter(|(_, s)| s.confirmed) {
+                let Some(i) = s.source else { continue };
+                let p = self.saved_path(i, *id)?;
+                let f = match open.entry(i) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(File::open(&p).at(&p)?)
+                    }
+                };
+                let chunk = &mut buf[..s.len as usize];
+                let n = sys::read_full(f, chunk, b * self.bs).at(&p)?;
+                chunk[n..].fill(0);
+                if *blake3::hash(chunk).as_bytes() != s.hash {
+                    return Err(Error::operator(format!(
+                        "{}: the saved block at byte {} does not match its BLAKE3; nothing was changed",
+                        p.display(),
+                        b * self.bs
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -372,8 +541,8 @@ impl Incoming {
         let Some(s) = st.blocks.get(&block).copied() else {
             return Ok(None);
         };
-        if s.pieces != 0 {
-            // Only its pieces are here, not a block to hash: it is sent again.
+        if s.pieces != 0 || s.source.is_some() {
+            // Only its pieces are here, or it is a roll-back's: it is sent again.
             return Ok(None);
         }
         let h = if s.zero {
@@ -454,6 +623,58 @@ impl Incoming {
         Ok(())
     }
 
+    /// Reads a staged whole block's bytes (`s`: what is staged for it), from here or
+    /// from the undo record holding it.
+    pub fn read_block(&mut self, id: FileId, block: u64, s: &Staged, buf: &mut [u8]) -> Result<()> {
+        let Some(i) = s.source else {
+            return self.read(id, block, buf);
+        };
+        let p = self.saved_path(i, id)?;
+        if !self.saved_files.contains_key(&(i, id)) {
+            if self.saved_files.len() >= OPEN_CAP {
+                self.saved_files.clear();
+            }
+            self.saved_files.insert((i, id), File::open(&p).at(&p)?);
+        }
+        let f = self
+            .saved_files
+            .get(&(i, id))
+            .ok_or_else(|| Error::Invalid("staging file vanished".into()))?;
+        let n = sys::read_full(f, buf, block * self.bs).at(&p)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Copies the piece record of saved block `b` of file `id` (`s`) from its undo record
+    /// to `to`: whether it had one (else the caller computes it).
+    pub fn copy_saved_pieces(
+        &mut self,
+        id: FileId,
+        b: u64,
+        s: &Staged,
+        to: &Pieces,
+    ) -> Result<bool> {
+        let Some(i) = s.source else {
+            return Ok(false);
+        };
+        if !self.saved_pieces.contains_key(&(i, id)) {
+            if self.saved_pieces.len() >= OPEN_CAP {
+                self.saved_pieces.clear();
+            }
+            let dir = self
+                .sources
+                .get(i as usize)
+                .ok_or_else(|| Error::corrupt(&self.sources_path(), "no such source"))?;
+            let hp = crate::replica::posix::undo::hash_path(dir, id);
+            self.saved_pieces
+                .insert((i, id), Pieces::open_ro(&hp, self.bs));
+        }
+        match self.saved_pieces.get(&(i, id)) {
+            Some(Some(from)) => from.copy_one(to, b),
+            _ => Ok(false),
+        }
+    }
+
     /// Reads a staged block's bytes.
     pub fn read(&mut self, id: FileId, block: u64, buf: &mut [u8]) -> Result<()> {
         let off = block * self.bs;
@@ -472,10 +693,11 @@ impl Incoming {
     /// Whether the staged data file of `id` is exactly the file's content: it exists and
     /// every block in it counts for this attempt.
     pub fn adoptable(&self, id: FileId) -> bool {
-        self.files
-            .get(&id)
-            .is_some_and(|f| f.blocks.values().all(|s| s.confirmed && s.pieces == 0))
-            && self.data_file(id).exists()
+        self.files.get(&id).is_some_and(|f| {
+            f.blocks
+                .values()
+                .all(|s| s.confirmed && s.pieces == 0 && s.source.is_none())
+        }) && self.data_file(id).exists()
     }
 
     /// The single blocks to apply to file `id`: those confirmed in this attempt.
@@ -532,7 +754,7 @@ impl Incoming {
             let (d, i) = self.paths(id);
             let mut body = Vec::new();
             for (b, s) in self.confirmed(id) {
-                body.extend_from_slice(&encode(b, s.len, kind_of(&s), &s.hash, (s.pieces, s.at)));
+                body.extend_from_slice(&s.record(b));
             }
             for r in self.zero_runs(id) {
                 let mut start = r[0];

@@ -250,6 +250,11 @@ impl Replica {
     pub fn prune(&self, now_ns: i64) -> Result<Vec<String>> {
         // Readers take in undo records under the shared lock: no merge runs meanwhile.
         let _lock = self.prune_lock(libc::LOCK_EX)?;
+        if self.sd.path("journal.json").exists() {
+            // An unfinished apply may roll forward from these records (a roll-back's
+            // saved blocks): nothing changes them until it is done.
+            return Ok(Vec::new());
+        }
         let points = self.points()?;
         let times: Vec<i64> = points.iter().map(|p| p.time_ns).collect();
         let mut keep = self.policy()?.keep(&times, now_ns);

@@ -37,7 +37,7 @@ pub fn compose(p: &Partial, base: Option<&File>, bs: u64) -> Result<Block> {
             "{at}: the block it makes with the replica's fails its BLAKE3 check (the replica's latest block is not the one the sender built on); the next cycle sends it whole"
         )));
     }
-    let zero = buf.iter().all(|&x| x == 0);
+    let zero = crate::sys::is_zero(&buf);
     Ok(Block {
         id: p.id,
         offset: p.offset,

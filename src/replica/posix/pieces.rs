@@ -120,7 +120,7 @@ impl Pieces {
     /// Records the pieces of block `b`, whose bytes are `data` (none for a block of one
     /// piece or a zero block: `clear`).
     pub fn set(&self, b: u64, data: &[u8]) -> Result<()> {
-        if data.len() as u64 <= PIECE || data.iter().all(|&x| x == 0) {
+        if data.len() as u64 <= PIECE || crate::sys::is_zero(data) {
             return self.clear(b, b + 1);
         }
         let cvs = of(data);
@@ -136,7 +136,7 @@ impl Pieces {
         let len = self.f.metadata().at(&self.p)?.len();
         let (x, y) = (a * self.rec, (z * self.rec).min(len));
         if x < y {
-            crate::sys::punch_hole(&self.f, x, y - x).at(&self.p)?;
+            crate::sys::zero_range(&self.f, x, y - x).at(&self.p)?;
         }
         Ok(())
     }
@@ -188,6 +188,18 @@ impl Pieces {
 
     pub fn sync(&self) -> Result<()> {
         self.f.sync_all().at(&self.p)
+    }
+
+    /// Copies the record of block `b` to `dst`'s block `b`, if there is one: whether
+    /// there was.
+    pub fn copy_one(&self, dst: &Pieces, b: u64) -> Result<bool> {
+        let mut rec = vec![0u8; self.rec as usize];
+        let got = read_full(&self.f, &mut rec, b * self.rec).at(&self.p)?;
+        if got < rec.len() || crate::sys::is_zero(&rec) {
+            return Ok(false);
+        }
+        dst.f.write_all_at(&rec, b * dst.rec).at(&dst.p)?;
+        Ok(true)
     }
 
     /// Copies the records of `runs` (blocks) to `dst`.

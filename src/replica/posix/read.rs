@@ -325,6 +325,15 @@ impl Learnt {
     }
 }
 
+/// How an undo record holds a block of a point (`PointFile::saved_in`).
+pub enum Saved {
+    /// Its bytes, at their own offset in the data file of the record in `record`, whose
+    /// entry for it is `hash`.
+    Data { record: PathBuf, hash: [u8; 32] },
+    /// A zero block: its entry says so and the record has a hole there.
+    Zero,
+}
+
 /// One file of a point.
 pub struct PointFile {
     id: FileId,
@@ -562,6 +571,30 @@ impl PointFile {
             },
             |c, (n, l)| self.remember(c, l).map(|()| n),
         )
+    }
+
+    /// Where an undo record holds block `b` of this point, as a roll-back stages it
+    /// (`Saved`); None where the latest file holds it, the record keeps no entries, or
+    /// its entry is the zero block's but the record has bytes there (read and check it).
+    pub fn saved_in(&self, b: u64) -> io::Result<Option<Saved>> {
+        self.consistent(|c| {
+            let (Src::Layer(i), _) = Self::span(c, b, self.size.div_ceil(self.bs)) else {
+                return Ok(None);
+            };
+            let l = &c.layers[i];
+            let (Some(h), Some(dir)) = (&l.hashes, l.data_path.parent()) else {
+                return Ok(None);
+            };
+            let hash = h.get(b).map_err(io::Error::other)?;
+            if hash != ZERO {
+                let record = dir.to_path_buf();
+                return Ok(Some(Saved::Data { record, hash }));
+            }
+            let (off, end) = (b * self.bs, self.block_end(b));
+            Ok(sys::Holes::new(&l.data)
+                .hole(off, end - off)
+                .then_some(Saved::Zero))
+        })
     }
 
     /// Reads block `b` into `buf` (its length) and checks it: what is wrong with it, if

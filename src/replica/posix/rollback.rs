@@ -1,9 +1,11 @@
 //! Rolling a replica's latest files back, in place, to an older point (a failover to
 //! that point). The roll-back is an apply like any cycle's: the blocks that differ
 //! between the point and the latest files are exactly those the undo records from the
-//! point on hold, so those are read from the point (every one checked against its
-//! BLAKE3), staged, and applied with the point's manifest as a new point of a new
-//! generation. The apply writes the undo record of the point it replaces first, so every
+//! point on hold, so those are staged by reference to the record holding each (not
+//! copied: the apply reads them from there, after checking every one against its
+//! BLAKE3), and applied with the point's manifest as a new point of a new generation.
+//! The few a record does not hold (a block the latest file still has, past a size
+//! change) are read from the point, checked, and staged as data. The apply writes the undo record of the point it replaces first, so every
 //! newer point stays readable, and it is journaled, so a crash leaves the replica at the
 //! old latest point or the new one. The cost is the blocks between the two points, not
 //! the disks' size.
@@ -14,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::manifest::POINT_VERSION;
 use crate::model::{Entry, FileId, Kind, Manifest, Origin, PointInfo, new_id};
 use crate::replica::posix::incoming::Incoming;
-use crate::replica::posix::read::PointFile;
+use crate::replica::posix::read::{PointFile, Saved};
 use crate::replica::posix::undo::UndoIndex;
 use crate::replica::posix::{Replica, apply};
 use crate::wire::Block;
@@ -53,7 +55,10 @@ pub fn roll_back(r: &Replica, to: &PointInfo) -> Result<Rolled> {
         };
         let f = PointFile::open(r, to, e, false)?;
         for b in runs.iter().flat_map(|r| r[0]..r[1]) {
-            let n = stage(&mut inc, &f, e, b, bs, &mut buf)?;
+            let n = match saved(&mut inc, &f, e, b, bs)? {
+                Some(n) => n,
+                None => stage(&mut inc, &f, e, b, bs, &mut buf)?,
+            };
             staged = (staged.0 + 1, staged.1 + n);
         }
     }
@@ -147,6 +152,36 @@ pub fn differing(
     Ok(out)
 }
 
+/// Stages block `b` of the point's file `e` by reference to the undo record holding it
+/// (a zero block there as zeros), if one does; its length.
+fn saved(inc: &mut Incoming, f: &PointFile, e: &Entry, b: u64, bs: u64) -> Result<Option<u64>> {
+    let found = f.saved_in(b).map_err(|err| Error::Io {
+        path: e.path.under(std::path::Path::new("/")),
+        source: err,
+    })?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let off = b * bs;
+    let len = (e.size - off).min(bs) as u32;
+    let mut block = Block {
+        id: e.id.unwrap_or(FileId(0)),
+        offset: off,
+        len,
+        zero: true,
+        hash: crate::wire::zero_hash(len as usize),
+        data: Vec::new(),
+    };
+    match found {
+        Saved::Zero => inc.put_checked(&block, 0)?,
+        Saved::Data { record, hash } => {
+            (block.zero, block.hash) = (false, hash);
+            inc.put_saved(&block, &record)?;
+        }
+    }
+    Ok(Some(u64::from(len)))
+}
+
 /// Reads block `b` of the point's file `e` (checked) and stages it; its length.
 fn stage(
     inc: &mut Incoming,
@@ -173,7 +208,7 @@ fn stage(
     }
     buf[got..len].fill(0);
     let data = &buf[..len];
-    let zero = data.iter().all(|&x| x == 0);
+    let zero = crate::sys::is_zero(data);
     // Checked against the point's entry by the read: staged without checking it again.
     inc.put_checked(
         &Block {

@@ -123,6 +123,6 @@ impl Blocks for PointBlocks<'_> {
             )));
         }
         buf[got..].fill(0);
-        Ok(buf.iter().all(|&x| x == 0))
+        Ok(crate::sys::is_zero(buf))
     }
 }

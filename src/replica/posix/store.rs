@@ -253,7 +253,7 @@ fn hash_block(
         source: e,
     })?;
     buf[got..n].fill(0);
-    if buf[..n].iter().all(|&x| x == 0) {
+    if crate::sys::is_zero(&buf[..n]) {
         return Ok(BlockHash::Zero);
     }
     Ok(BlockHash::Data(*blake3::hash(&buf[..n]).as_bytes()))
