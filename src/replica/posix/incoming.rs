@@ -11,14 +11,12 @@
 //! file's block, whose other pieces are already the block's (what it was composed on).
 //!
 //! A roll-back's block that an undo record of this replica holds (`put_saved`) is not
-//! copied here: its record names the undo record, whose data file has it at its own
-//! offset. An apply never changes the undo records of points it does not replace, so the
-//! block is there as long as the journal names this staging area; `verify_saved` checks
-//! every such block against its BLAKE3 before the apply changes anything.
+//! copied here: its record names the undo record (`saved`), whose data file has it at its
+//! own offset; `verify_saved` checks every such block against its BLAKE3 before the apply
+//! changes anything.
 //!
 //! Format v3: `incoming/cycle.json` `{version, generation, base}`; `sources.json` (the
-//! undo records saved blocks come from, as paths relative to the state directory:
-//! `["points/<id>/undo", ...]`); per file `<id>.data` (data blocks at their own offsets,
+//! undo records saved blocks come from: `saved`); per file `<id>.data` (data blocks at their own offsets,
 //! sparse), `<id>.pieces` (partial blocks' pieces, appended) and `<id>.idx`, 64-byte
 //! records: block u64, length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks:
 //! length counts blocks, 3 partial block, 4 saved block), 3 pad bytes, BLAKE3 of the whole
@@ -39,6 +37,7 @@ use crate::error::{At, Error, Result};
 use crate::model::FileId;
 use crate::model::runs::{minus, union};
 use crate::replica::posix::pieces::Pieces;
+use crate::replica::posix::saved::{Check, Sources};
 use crate::sys;
 use crate::wire::{Block, BlockHash, zero_hash};
 
@@ -110,11 +109,8 @@ pub struct Incoming {
     open: HashMap<FileId, (File, BufWriter<File>)>,
     /// The open `<id>.pieces` files and their lengths.
     piece_files: HashMap<FileId, (File, u64)>,
-    /// The undo records saved blocks come from (absolute), and their open data files.
-    sources: Vec<PathBuf>,
-    saved_files: HashMap<(u32, FileId), File>,
-    /// The piece records beside them (None: the record keeps none).
-    saved_pieces: HashMap<(u32, FileId), Option<Pieces>>,
+    /// The undo records saved blocks come from.
+    sources: Sources,
     received: u64,
 }
 
@@ -173,26 +169,24 @@ impl Incoming {
         fs::create_dir_all(dir).at(dir)?;
         let body = serde_json::to_vec(&cf).map_err(Error::encode)?;
         sys::write_atomic(&p, &body).at(&p)?;
-        let mut inc = Incoming::empty(dir, generation, bs);
+        let mut inc = Incoming::empty(dir, generation, bs)?;
         if resume {
             inc.load(false)?;
         }
         Ok(inc)
     }
 
-    fn empty(dir: &Path, generation: u64, bs: u64) -> Incoming {
-        Incoming {
+    fn empty(dir: &Path, generation: u64, bs: u64) -> Result<Incoming> {
+        Ok(Incoming {
             dir: dir.to_path_buf(),
             generation,
             bs,
             files: HashMap::new(),
             open: HashMap::new(),
             piece_files: HashMap::new(),
-            sources: Vec::new(),
-            saved_files: HashMap::new(),
-            saved_pieces: HashMap::new(),
+            sources: Sources::load(dir, bs)?,
             received: 0,
-        }
+        })
     }
 
     /// Loads a committed staging area (for recovering an interrupted apply): every
@@ -206,63 +200,13 @@ impl Incoming {
         if !(2..=VERSION).contains(&cf.version) {
             return Err(Error::corrupt(&p, format!("version {}", cf.version)));
         }
-        let mut inc = Incoming::empty(dir, cf.generation, bs);
+        let mut inc = Incoming::empty(dir, cf.generation, bs)?;
         inc.load(true)?;
         Ok(inc)
     }
 
-    /// The state directory saved blocks' sources are relative to.
-    fn state_dir(&self) -> Result<&Path> {
-        self.dir
-            .parent()
-            .ok_or_else(|| Error::Invalid(format!("{} has no parent", self.dir.display())))
-    }
-
-    fn sources_path(&self) -> PathBuf {
-        self.dir.join("sources.json")
-    }
-
-    fn load_sources(&mut self) -> Result<()> {
-        let p = self.sources_path();
-        let rel: Vec<PathBuf> = match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::corrupt(&p, e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).at(&p),
-        };
-        if rel.iter().any(|r| {
-            !r.is_relative() || r.components().any(|c| c == std::path::Component::ParentDir)
-        }) {
-            return Err(Error::corrupt(&p, "a source outside the state directory"));
-        }
-        let sd = self.state_dir()?.to_path_buf();
-        self.sources = rel.iter().map(|r| sd.join(r)).collect();
-        Ok(())
-    }
-
-    /// The index of undo record `dir` among the sources, added (durably) if new.
-    fn source_index(&mut self, dir: &Path) -> Result<u32> {
-        if let Some(i) = self.sources.iter().position(|s| s == dir) {
-            return Ok(i as u32);
-        }
-        let sd = self.state_dir()?;
-        let rel = dir
-            .strip_prefix(sd)
-            .map_err(|_| Error::Invalid(format!("{} is not in {}", dir.display(), sd.display())))?;
-        let mut all: Vec<PathBuf> = self
-            .sources
-            .iter()
-            .filter_map(|s| s.strip_prefix(sd).ok().map(Path::to_path_buf))
-            .collect();
-        all.push(rel.to_path_buf());
-        let p = self.sources_path();
-        let body = serde_json::to_vec(&all).map_err(Error::encode)?;
-        sys::write_atomic(&p, &body).at(&p)?;
-        self.sources.push(dir.to_path_buf());
-        Ok((self.sources.len() - 1) as u32)
-    }
-
     fn load(&mut self, confirmed: bool) -> Result<()> {
-        self.load_sources()?;
+        self.sources = Sources::load(&self.dir, self.bs)?;
         for e in fs::read_dir(&self.dir).at(&self.dir)? {
             let path = e.at(&self.dir)?.path();
             let Some(id) = path
@@ -292,7 +236,7 @@ impl Incoming {
                     continue;
                 }
                 let source = (r[12] == SAVED).then_some(pieces);
-                if source.is_some_and(|i| i >= self.sources.len() as u64) {
+                if source.is_some_and(|i| !self.sources.has(i)) {
                     return Err(Error::corrupt(&path, "a saved block of an unknown source"));
                 }
                 st.zeros = minus(&st.zeros, &[[b, b + 1]]);
@@ -480,7 +424,7 @@ impl Incoming {
             confirmed: true,
             pieces: 0,
             at: 0,
-            source: Some(self.source_index(record)?),
+            source: Some(self.sources.index(record)?),
         };
         let first = b.offset / self.bs;
         let (_, idx_path) = self.paths(b.id);
@@ -491,40 +435,23 @@ impl Incoming {
         Ok(())
     }
 
-    /// The data file of the undo record a saved block comes from.
-    fn saved_path(&self, i: u32, id: FileId) -> Result<PathBuf> {
-        self.sources
-            .get(i as usize)
-            .map(|d| crate::replica::posix::undo::data_path(d, id))
-            .ok_or_else(|| Error::corrupt(&self.sources_path(), "no such source"))
-    }
-
     /// Checks every saved block against its BLAKE3 (read from its undo record): an
     /// error names the first that fails. Reads only; runs beside other work of the apply.
     pub fn verify_saved(&self) -> Result<()> {
-        let mut buf = vec![0u8; self.bs as usize];
         for (id, st) in &self.files {
-            let mut open: HashMap<u32, File> = HashMap::new();
-            for (b, s) in st.blocks.iter().filter(|(_, s)| s.confirmed) {
-                let Some(i) = s.source else { continue };
-                let p = self.saved_path(i, *id)?;
-                let f = match open.entry(i) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(File::open(&p).at(&p)?)
-                    }
-                };
-                let chunk = &mut buf[..s.len as usize];
-                let n = sys::read_full(f, chunk, b * self.bs).at(&p)?;
-                chunk[n..].fill(0);
-                if *blake3::hash(chunk).as_bytes() != s.hash {
-                    return Err(Error::operator(format!(
-                        "{}: the saved block at byte {} does not match its BLAKE3; nothing was changed",
-                        p.display(),
-                        b * self.bs
-                    )));
-                }
-            }
+            let saved = st
+                .blocks
+                .iter()
+                .filter(|(_, s)| s.confirmed)
+                .filter_map(|(b, s)| {
+                    s.source.map(|source| Check {
+                        source,
+                        offset: b * self.bs,
+                        len: s.len,
+                        hash: s.hash,
+                    })
+                });
+            self.sources.verify(*id, saved)?;
         }
         Ok(())
     }
@@ -629,20 +556,7 @@ impl Incoming {
         let Some(i) = s.source else {
             return self.read(id, block, buf);
         };
-        let p = self.saved_path(i, id)?;
-        if !self.saved_files.contains_key(&(i, id)) {
-            if self.saved_files.len() >= OPEN_CAP {
-                self.saved_files.clear();
-            }
-            self.saved_files.insert((i, id), File::open(&p).at(&p)?);
-        }
-        let f = self
-            .saved_files
-            .get(&(i, id))
-            .ok_or_else(|| Error::Invalid("staging file vanished".into()))?;
-        let n = sys::read_full(f, buf, block * self.bs).at(&p)?;
-        buf[n..].fill(0);
-        Ok(())
+        self.sources.read(i, id, block * self.bs, buf)
     }
 
     /// Copies the piece record of saved block `b` of file `id` (`s`) from its undo record
@@ -654,24 +568,9 @@ impl Incoming {
         s: &Staged,
         to: &Pieces,
     ) -> Result<bool> {
-        let Some(i) = s.source else {
-            return Ok(false);
-        };
-        if !self.saved_pieces.contains_key(&(i, id)) {
-            if self.saved_pieces.len() >= OPEN_CAP {
-                self.saved_pieces.clear();
-            }
-            let dir = self
-                .sources
-                .get(i as usize)
-                .ok_or_else(|| Error::corrupt(&self.sources_path(), "no such source"))?;
-            let hp = crate::replica::posix::undo::hash_path(dir, id);
-            self.saved_pieces
-                .insert((i, id), Pieces::open_ro(&hp, self.bs));
-        }
-        match self.saved_pieces.get(&(i, id)) {
-            Some(Some(from)) => from.copy_one(to, b),
-            _ => Ok(false),
+        match s.source {
+            Some(i) => self.sources.copy_pieces(i, id, b, to),
+            None => Ok(false),
         }
     }
 

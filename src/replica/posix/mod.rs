@@ -16,6 +16,7 @@ pub mod pieces;
 pub mod read;
 pub mod relay;
 pub mod rollback;
+pub mod saved;
 pub mod source;
 pub mod store;
 pub mod tree;
