@@ -609,7 +609,7 @@ fn write_blocks(
         f.write_all_at(&chunk[..len as usize], off).at(at)?;
         match cv {
             // A roll-back's block brings its record from the undo record it came from.
-            Some(cv) if s.source.is_some() && inc.copy_saved_pieces(id, b, &s, cv)? => {}
+            Some(cv) if inc.copy_saved_pieces(id, b, &s, cv)? => {}
             Some(cv) if len == (size - off).min(bs) => cv.set(b, &chunk[..len as usize])?,
             Some(_) => reread.push(b),
             None => {}

@@ -16,9 +16,9 @@
 //! changes anything.
 //!
 //! Format v3: `incoming/cycle.json` `{version, generation, base}`; `sources.json` (the
-//! undo records saved blocks come from: `saved`); per file `<id>.data` (data blocks at their own offsets,
-//! sparse), `<id>.pieces` (partial blocks' pieces, appended) and `<id>.idx`, 64-byte
-//! records: block u64, length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks:
+//! undo records saved blocks come from: `saved`); per file `<id>.data` (data blocks at
+//! their own offsets, sparse), `<id>.pieces` (partial blocks' pieces, appended) and
+//! `<id>.idx`, 64-byte records: block u64, length u32, kind u8 (0 data, 1 zero block, 2 run of zero blocks:
 //! length counts blocks, 3 partial block, 4 saved block), 3 pad bytes, BLAKE3 of the whole
 //! block (32), then u64 pieces (of a partial block: bit `i` for bytes `i*4096..`; of a
 //! saved block: its source's index in `sources.json`; else 0) and u64 offset of a partial
@@ -205,8 +205,8 @@ impl Incoming {
         Ok(inc)
     }
 
+    /// Takes in the records an earlier attempt left (the sources came with `empty`).
     fn load(&mut self, confirmed: bool) -> Result<()> {
-        self.sources = Sources::load(&self.dir, self.bs)?;
         for e in fs::read_dir(&self.dir).at(&self.dir)? {
             let path = e.at(&self.dir)?.path();
             let Some(id) = path
@@ -346,19 +346,27 @@ impl Incoming {
 
     fn stage(&mut self, b: &Block, run: Option<u64>, pieces: u64) -> Result<()> {
         let first = b.offset / self.bs;
-        let (data_path, idx_path) = self.paths(b.id);
+        let (data_path, _) = self.paths(b.id);
         let at = if pieces != 0 {
             self.append_pieces(b, pieces)?
         } else {
             0
         };
+        let s = Staged {
+            len: b.len,
+            zero: b.zero,
+            hash: b.hash,
+            confirmed: true,
+            pieces,
+            at,
+            source: None,
+        };
         let record = match run {
             Some(n) => encode(first, n as u32, RUN, &b.hash, (0, 0)),
-            None if pieces != 0 => encode(first, b.len, PARTIAL, &b.hash, (pieces, at)),
-            None => encode(first, b.len, u8::from(b.zero), &b.hash, (0, 0)),
+            None => s.record(first),
         };
         {
-            let (data, idx) = self.files(b.id)?;
+            let (data, _) = self.files(b.id)?;
             // A partial block's pieces went to `<id>.pieces` (above).
             let whole = pieces == 0;
             if whole && !b.zero {
@@ -368,11 +376,11 @@ impl Incoming {
                 // exactly what is staged (a new file is moved into place as it is).
                 crate::sys::punch_hole(data, b.offset, u64::from(b.len)).at(&data_path)?;
             }
-            idx.write_all(&record).at(&idx_path)?;
         }
-        let st = self.files.entry(b.id).or_default();
+        self.write_index(b.id, &record)?;
         match run {
             Some(n) => {
+                let st = self.files.entry(b.id).or_default();
                 let r = [first, first + n];
                 let gone: Vec<u64> = st.blocks.range(first..first + n).map(|(k, _)| *k).collect();
                 for k in gone {
@@ -380,22 +388,17 @@ impl Incoming {
                 }
                 st.zeros = union(st.zeros.iter().copied().chain([r]).collect());
             }
-            None => self.insert(
-                b.id,
-                first,
-                Staged {
-                    len: b.len,
-                    zero: b.zero,
-                    hash: b.hash,
-                    confirmed: true,
-                    pieces,
-                    at,
-                    source: None,
-                },
-            ),
+            None => self.insert(b.id, first, s),
         }
         self.received();
         Ok(())
+    }
+
+    /// Appends `record` to file `id`'s index.
+    fn write_index(&mut self, id: FileId, record: &[u8; RECORD]) -> Result<()> {
+        let (_, idx_path) = self.paths(id);
+        let (_, idx) = self.files(id)?;
+        idx.write_all(record).at(&idx_path)
     }
 
     fn insert(&mut self, id: FileId, first: u64, s: Staged) {
@@ -427,9 +430,7 @@ impl Incoming {
             source: Some(self.sources.index(record)?),
         };
         let first = b.offset / self.bs;
-        let (_, idx_path) = self.paths(b.id);
-        let (_, idx) = self.files(b.id)?;
-        idx.write_all(&s.record(first)).at(&idx_path)?;
+        self.write_index(b.id, &s.record(first))?;
         self.insert(b.id, first, s);
         self.received();
         Ok(())

@@ -5,8 +5,8 @@
 //! copied: the apply reads them from there, after checking every one against its
 //! BLAKE3), and applied with the point's manifest as a new point of a new generation.
 //! The few a record does not hold (a block the latest file still has, past a size
-//! change) are read from the point, checked, and staged as data. The apply writes the undo record of the point it replaces first, so every
-//! newer point stays readable, and it is journaled, so a crash leaves the replica at the
+//! change) are read from the point, checked, and staged as data. The apply writes the
+//! undo record of the point it replaces first, so every newer point stays readable, and it is journaled, so a crash leaves the replica at the
 //! old latest point or the new one. The cost is the blocks between the two points, not
 //! the disks' size.
 
@@ -155,31 +155,32 @@ pub fn differing(
 /// Stages block `b` of the point's file `e` by reference to the undo record holding it
 /// (a zero block there as zeros), if one does; its length.
 fn saved(inc: &mut Incoming, f: &PointFile, e: &Entry, b: u64, bs: u64) -> Result<Option<u64>> {
-    let found = f.saved_in(b).map_err(|err| Error::Io {
-        path: e.path.under(std::path::Path::new("/")),
-        source: err,
-    })?;
-    let Some(found) = found else {
+    let Some(found) = f.saved_in(b).map_err(io_at(e))? else {
         return Ok(None);
     };
     let off = b * bs;
     let len = (e.size - off).min(bs) as u32;
-    let mut block = Block {
+    let block = |zero, hash| Block {
         id: e.id.unwrap_or(FileId(0)),
         offset: off,
         len,
-        zero: true,
-        hash: crate::wire::zero_hash(len as usize),
+        zero,
+        hash,
         data: Vec::new(),
     };
     match found {
-        Saved::Zero => inc.put_checked(&block, 0)?,
-        Saved::Data { record, hash } => {
-            (block.zero, block.hash) = (false, hash);
-            inc.put_saved(&block, &record)?;
-        }
+        Saved::Zero => inc.put_checked(&block(true, crate::wire::zero_hash(len as usize)), 0)?,
+        Saved::Data { record, hash } => inc.put_saved(&block(false, hash), &record)?,
     }
     Ok(Some(u64::from(len)))
+}
+
+/// An I/O error reading file `e` of the point.
+fn io_at(e: &Entry) -> impl Fn(std::io::Error) -> Error + '_ {
+    |source| Error::Io {
+        path: e.path.under(std::path::Path::new("/")),
+        source,
+    }
 }
 
 /// Reads block `b` of the point's file `e` (checked) and stages it; its length.
@@ -193,12 +194,7 @@ fn stage(
 ) -> Result<u64> {
     let off = b * bs;
     let len = (e.size - off).min(bs) as usize;
-    let (got, bad) = f
-        .read_checked(&mut buf[..len], b)
-        .map_err(|err| Error::Io {
-            path: e.path.under(std::path::Path::new("/")),
-            source: err,
-        })?;
+    let (got, bad) = f.read_checked(&mut buf[..len], b).map_err(io_at(e))?;
     if let Some(bad) = bad {
         return Err(Error::operator(format!(
             "{}: the block at byte {off} of the point {}; nothing was changed",

@@ -92,7 +92,6 @@ impl Sources {
                 self.state.display()
             ))
         };
-        dir.strip_prefix(&self.state).map_err(|_| outside())?;
         let mut rel = Vec::with_capacity(self.dirs.len() + 1);
         for d in self.dirs.iter().map(PathBuf::as_path).chain([dir]) {
             rel.push(d.strip_prefix(&self.state).map_err(|_| outside())?);
