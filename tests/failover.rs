@@ -187,11 +187,6 @@ fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit(
     }
     random_at(&mnt2.join("disk.raw"), 64 * M, M);
     ok(drfs().arg("unmount").arg(&mnt2));
-    // Its writes would be lost by a change of point now: refused.
-    fails(
-        failover(rep, &["--point", &p1]).output().unwrap(),
-        "mounted since its failover",
-    );
     ok(&mut failover(rep, &["--commit"]));
     fails(
         failover(rep, &["--point", &p3]).output().unwrap(),
@@ -220,6 +215,161 @@ fn unplanned_failover_rolls_back_in_place_and_the_point_can_change_until_commit(
         ],
         "{text}"
     );
+}
+
+/// Fails over to `point`, mounts the promoted store and writes through the mount: blocks
+/// of the point rewritten whole and in part, a hole filled, a file replaced by a rename,
+/// one created, the disk cut shorter and renamed; the daemon is SIGKILLed halfway and the store
+/// mounted again, and the same blocks written once more. Returns a copy of the files as
+/// the VMs left them.
+fn written_after_failover(r: &Rep, point: &str, name: &str) -> std::path::PathBuf {
+    ok(&mut failover(&r.replica, &["--point", point]));
+    let mnt2 = r.f.mountpoint(name);
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    let disk = mnt2.join("disk.raw");
+    random_at(&disk, 4 * M, 2 * M);
+    random_at(&disk, 64 * M, M);
+    let part = |off: u64| {
+        sh(&format!(
+            "dd if=/dev/urandom of={} bs=4k seek={} count=1 conv=notrunc oflag=direct status=none",
+            disk.display(),
+            off / 4096
+        ))
+    };
+    part(2 * G + 3 * 4096);
+    fs::write(mnt2.join("tmp.txt"), b"replaced after the failover\n").unwrap();
+    fs::rename(mnt2.join("tmp.txt"), mnt2.join("b.txt")).unwrap();
+    // A crash of the daemon: the copies made so far are found again, not made twice.
+    for pid in daemons_of(&mnt2) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(wait_gone(pid, std::time::Duration::from_secs(10)));
+    }
+    release(&mnt2);
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    random_at(&disk, 4 * M, M);
+    part(2 * G + 3 * 4096);
+    part(5 * 4096);
+    fs::write(mnt2.join("n.txt"), b"new after the failover\n").unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(2 * G + 4 * M + 100)
+        .unwrap();
+    fs::rename(&disk, mnt2.join("vm.raw")).unwrap();
+    ok(drfs().arg("unmount").arg(&mnt2));
+    let dst = r.snaps.join(name);
+    fs::create_dir(&dst).unwrap();
+    sh(&format!(
+        "cd {} && tar --sparse --exclude=./.drfs -cf - . | tar -C {} -xpf -",
+        r.replica.display(),
+        dst.display()
+    ));
+    dst
+}
+
+/// The point tagged diverged on `dir` reads as `want` (through `drfs restore`).
+fn diverged_point_is(r: &Rep, want: &Path, what: &str) {
+    let pts = points_json(&r.replica);
+    let d: Vec<_> = pts.iter().filter(|p| p["diverged"] == true).collect();
+    assert_eq!(d.len(), 1, "{what}: {pts:?}");
+    let got = r.restore(d[0]["id"].as_str().unwrap());
+    same_tree(want, &got, what);
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_change_of_point_after_the_promoted_store_was_written_keeps_the_writes_as_a_diverged_point() {
+    let (r, [p1, p2, p3]) = three_points("diverge");
+    let written = written_after_failover(&r, &p2, "written");
+    assert!(r.replica.join(".drfs/history/point").exists());
+    let out = ok(&mut failover(&r.replica, &["--point", &p1]));
+    let text = stdout(&out);
+    println!("{text}");
+    assert!(text.contains("(diverged"), "{text}");
+    same_tree_excluding_state(&r.snaps.join(&p1), &r.replica, "changed to p1");
+    piece_records_match(&r.replica, "disk.raw");
+    // What the VMs wrote is a point; every other point reads as it was (p2's blocks the
+    // VMs overwrote come from the copies the mounts kept).
+    diverged_point_is(&r, &written, "the diverged point");
+    for p in [&p1, &p2, &p3] {
+        r.check_point(p);
+    }
+    // The newer points stay reachable; no mount since, so nothing more is kept.
+    ok(&mut failover(&r.replica, &["--point", &p3]));
+    same_tree_excluding_state(&r.snaps.join(&p3), &r.replica, "then to p3");
+    diverged_point_is(&r, &written, "the diverged point, after another change");
+    // Commit ends the choice, and the copies.
+    ok(&mut failover(&r.replica, &["--commit"]));
+    assert!(!r.replica.join(".drfs/history").exists());
+    fails(
+        failover(&r.replica, &["--point", &p1]).output().unwrap(),
+        "was committed",
+    );
+    // A committed store's mount keeps no copies.
+    let mnt3 = r.f.mountpoint("mnt3");
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt3));
+    random_at(&mnt3.join("disk.raw"), 0, M);
+    ok(drfs().arg("unmount").arg(&mnt3));
+    assert!(!r.replica.join(".drfs/history").exists());
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_change_of_point_is_refused_when_the_promoted_store_was_changed_behind_drfs() {
+    let (r, [p1, p2, _]) = three_points("divergebehind");
+    let written = written_after_failover(&r, &p2, "written");
+    // Unmounted, a block of p2 the VMs never wrote is changed directly: p2's content
+    // there is nowhere any more.
+    flip(&r.replica.join("vm.raw"), 10 * M + 7);
+    let before = points_json(&r.replica);
+    fails(
+        failover(&r.replica, &["--point", &p1]).output().unwrap(),
+        "vm.raw: block 160 changed without its content at point",
+    );
+    assert_eq!(points_json(&r.replica), before, "a point changed");
+    flip(&r.replica.join("vm.raw"), 10 * M + 7);
+    same_tree_excluding_state(&written, &r.replica, "the files after the refusal");
+    // Committing keeps what the VMs wrote.
+    ok(&mut failover(&r.replica, &["--commit"]));
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_change_of_point_after_writes_killed_at_any_step_completes_when_run_again() {
+    for fault in [
+        "diverge:planned",
+        "diverge:undone",
+        "diverge:indexed",
+        "diverge:published",
+        "apply:undo",
+        "failover:rolled-back",
+    ] {
+        let (r, [p1, p2, _]) = three_points("divergekill");
+        let written = written_after_failover(&r, &p2, "written");
+        killed_failing_over(&r, &p1, fault);
+        if fault == "diverge:undone" {
+            let mnt2 = r.f.mountpoint("early");
+            fails(
+                drfs()
+                    .arg("mount")
+                    .arg(&r.replica)
+                    .arg(&mnt2)
+                    .output()
+                    .unwrap(),
+                "was interrupted",
+            );
+            fails(
+                failover(&r.replica, &["--commit"]).output().unwrap(),
+                "was interrupted",
+            );
+        }
+        let out = ok(&mut failover(&r.replica, &["--point", &p1]));
+        println!("{fault}: {}", stdout(&out).trim());
+        same_tree_excluding_state(&r.snaps.join(&p1), &r.replica, fault);
+        diverged_point_is(&r, &written, fault);
+        r.check_point(&p2);
+    }
 }
 
 #[test]
@@ -549,6 +699,19 @@ fn killed_at(args: &[&std::ffi::OsStr], fault: &str) {
     );
 }
 
+/// `drfs failover REPLICA --point P`, killed at `fault`.
+fn killed_failing_over(r: &Rep, point: &str, fault: &str) {
+    killed_at(
+        &[
+            os("failover"),
+            r.replica.as_os_str(),
+            os("--point"),
+            os(point),
+        ],
+        fault,
+    );
+}
+
 /// Never two primaries that both accept: the replica refuses cycles once promoted, and a
 /// locked or demoted store does not mount as a primary.
 fn one_accepting_primary(r: &Rep) {
@@ -614,15 +777,7 @@ fn an_unplanned_failover_and_a_reprotect_killed_at_any_step_complete_when_run_ag
         "failover:seeded",
     ] {
         let (r, [p1, _, _]) = three_points("unplannedkill");
-        killed_at(
-            &[
-                os("failover"),
-                r.replica.as_os_str(),
-                os("--point"),
-                os(&p1),
-            ],
-            fault,
-        );
+        killed_failing_over(&r, &p1, fault);
         ok(&mut failover(&r.replica, &["--point", &p1]));
         same_tree_excluding_state(&r.snaps.join(&p1), &r.replica, fault);
     }

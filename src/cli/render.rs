@@ -352,8 +352,14 @@ pub fn failed_over(f: &crate::ops::failover::FailedOver) -> String {
         }
         None => out += &format!("{s}: at point {}, nothing to roll back\n", f.point),
     }
+    if let Some(d) = &f.kept {
+        out += &format!(
+            "{s}: what its VMs wrote since it was mounted is kept as point {} (diverged; `drfs browse {s}` reads it)\n",
+            d.id
+        );
+    }
     out += &format!(
-        "{s} is a primary store now: `drfs mount {s} MOUNTPOINT` and start its VMs; `drfs failover {s} --point ID` chooses another point until it is mounted; `drfs failover {s} --commit` ends the choice\n"
+        "{s} is a primary store now: `drfs mount {s} MOUNTPOINT` and start its VMs; `drfs failover {s} --point ID` chooses another point (what the VMs write is kept as a diverged point); `drfs failover {s} --commit` ends the choice\n"
     );
     out
 }

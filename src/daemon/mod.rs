@@ -140,7 +140,25 @@ fn track(o: &DaemonOpts, store: &Path, mnt: &Path) -> Result<(Option<Arc<Tracker
     let (sd, cfg) = StateDir::open_or_init(store, o.block_size)?;
     let lock = run::lock(&sd)?;
     crate::fuse::daemon::log_to(&log_path(&sd));
-    Ok((Some(Arc::new(Tracker::start(sd, cfg, mnt)?)), Some(lock)))
+    let promoted = cfg.promoted.clone();
+    let t = Tracker::start(sd.clone(), cfg, mnt)?;
+    match promoted {
+        Some(p) if !p.committed => {
+            if let Err(e) = t.keep_history() {
+                let _ = t.close();
+                return Err(e);
+            }
+        }
+        Some(_) => {
+            // Committed: the point can no longer change, so its copies are done with.
+            let h = crate::replica::posix::diverge::dir(&sd);
+            if h.exists() {
+                std::fs::remove_dir_all(&h).at(&h)?;
+            }
+        }
+        None => {}
+    }
+    Ok((Some(Arc::new(t)), Some(lock)))
 }
 
 /// Locks the store for a planned failover (read-only through the mount, `[locked]` in

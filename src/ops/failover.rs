@@ -5,8 +5,10 @@
 //!   to roll back for the newest) through the undo records (`replica::posix::rollback`),
 //!   the tracking is seeded so the files keep their ids and nothing is dirty
 //!   (`primary::track::seed`), and `state.toml` makes it a primary with a `promoted`
-//!   record and a new epoch. Until `--commit` it may be run again with another point,
-//!   as long as the promoted store has not been mounted (its writes would be lost).
+//!   record and a new epoch. Until `--commit` it may be run again with another point;
+//!   if the promoted store was mounted meanwhile, what its VMs wrote becomes a
+//!   `diverged` point first (`replica::posix::diverge`, from the copies its mounts kept:
+//!   `primary::track::history`).
 //! - **Planned** (`drfs failover STORE --planned`, on the healthy primary): the store
 //!   is locked (a mounted one turns read-only through its daemon, refused while files
 //!   are open for writing; `drfs mount` refuses a locked store), a final cycle ships,
@@ -33,7 +35,7 @@ use crate::primary::cycle::CycleState;
 use crate::primary::track::{self, seed};
 use crate::replica::posix::Replica;
 use crate::replica::posix::adopt::{self, Index};
-use crate::replica::posix::rollback;
+use crate::replica::posix::{diverge, rollback};
 use crate::state::{Replication, Role, StateDir, epoch};
 use crate::sys;
 
@@ -49,6 +51,8 @@ pub struct FailedOver {
     pub latest: PointInfo,
     /// Blocks and bytes rewritten by a roll-back (none: nothing to roll back).
     pub rolled: Option<(u64, u64)>,
+    /// What the VMs wrote since the store was mounted, kept as a point before the change.
+    pub kept: Option<PointInfo>,
     /// A planned failover: the old primary, now its replica.
     pub demoted: Option<PathBuf>,
     pub committed: bool,
@@ -139,21 +143,27 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
                 p.point
             )));
         }
-        if track::run::info(&r.sd).is_some() {
-            return Err(Error::operator(format!(
-                "{} has been mounted since its failover to point {}: a change of point would lose what its VMs wrote (keeping that as a diverged point is not supported yet); keep it, or `drfs failover {} --commit`",
-                root.display(),
-                p.point,
-                root.display()
-            )));
-        }
     }
     not_mounted(&root, "unmount it before changing its point")?;
     no_test_failover(&r)?;
     let target = chosen(&r, point)?;
-    let latest = r
+    let mut latest = r
         .latest()?
         .ok_or_else(|| Error::Invalid(format!("{} has no point yet", root.display())))?;
+    // Mounted since the promotion (or a change of point that kept its writes began):
+    // what its VMs wrote becomes a point first.
+    let written = r.cfg.promoted.is_some()
+        && (track::run::info(&r.sd).is_some()
+            || diverge::Plan::load(&diverge::dir(&r.sd))?.is_some());
+    let kept = if written {
+        let d = keep_diverged(&r, &latest)?;
+        latest = r
+            .latest()?
+            .ok_or_else(|| Error::Invalid(format!("{} has no point", root.display())))?;
+        Some(d)
+    } else {
+        None
+    };
     let at_target = latest.id == target.id || latest.restores.as_deref() == Some(&target.id);
     if at_target
         && r.cfg
@@ -161,11 +171,13 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
             .as_ref()
             .is_some_and(|p| p.point == target.id)
     {
+        diverge::finish(&r.sd)?;
         return Ok(FailedOver {
             store: root.clone(),
             point: target.id,
             latest,
             rolled: None,
+            kept: None,
             demoted: None,
             committed: false,
             already: true,
@@ -180,6 +192,7 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
         (done.point, Some((done.blocks, done.bytes)))
     };
     promote(&r, &target, &latest, &before, false)?;
+    diverge::finish(&r.sd)?;
     let line = match rolled {
         Some((_, bytes)) => format!(
             "failover: promoted to a primary at point {} (rolled back in place from point {}: {} rewritten)",
@@ -188,6 +201,13 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
             crate::model::fmt::human(bytes)
         ),
         None => format!("failover: promoted to a primary at point {}", target.id),
+    };
+    let line = match &kept {
+        Some(d) => format!(
+            "{line}; what its VMs wrote is kept as point {} (diverged)",
+            d.id
+        ),
+        None => line,
     };
     let old = if r.cfg.promoted.is_some() {
         "promoted"
@@ -200,9 +220,91 @@ pub fn unplanned(root: &Path, point: Option<&str>) -> Result<FailedOver> {
         point: target.id,
         latest,
         rolled,
+        kept,
         demoted: None,
         committed: false,
         already: false,
+    })
+}
+
+/// What the VMs of a promoted store wrote since it was mounted becomes a point of its own
+/// (`diverged`), from the copies its mounts kept of the latest point (`latest`), before
+/// the point changes. Completes a change an earlier run began.
+fn keep_diverged(r: &Replica, latest: &PointInfo) -> Result<PointInfo> {
+    let dir = diverge::dir(&r.sd);
+    let plan = match diverge::Plan::load(&dir)? {
+        Some(p) => p,
+        None => {
+            if diverge::kept_point(&dir)?.as_deref() != Some(&latest.id) {
+                return Err(Error::operator(format!(
+                    "{} was mounted since its failover without keeping point {} (by a drfs that did not keep it, or the store was changed while unmounted): a change of point would lose what its VMs wrote; keep it, or `drfs failover {} --commit`",
+                    r.root.display(),
+                    latest.id,
+                    r.root.display()
+                )));
+            }
+            let shipped = CycleState::load(&r.sd)?.point;
+            if shipped.as_ref().is_some_and(|p| *p != latest.id) {
+                return Err(Error::operator(format!(
+                    "{} has shipped cycles since its failover (its replica holds point {}): its point can no longer change; `drfs failover {} --commit`",
+                    r.root.display(),
+                    shipped.unwrap_or_default(),
+                    r.root.display()
+                )));
+            }
+            let plan = cut_as_is(r, latest)?;
+            plan.save(&dir)?;
+            plan
+        }
+    };
+    crate::sys::fault::hit("diverge:planned");
+    diverge::keep(r, plan)
+}
+
+/// A cut of the promoted store's files as they are, and the blocks its tracking saw
+/// change since the promotion.
+fn cut_as_is(r: &Replica, latest: &PointInfo) -> Result<diverge::Plan> {
+    let cfg = r.sd.config()?;
+    let _lock = track::run::lock(&r.sd)?;
+    let t = track::Tracker::start(r.sd.clone(), cfg.clone(), Path::new("(drfs failover)"))?;
+    let cut = t.cut(false, false, &mut |_, _| {})?;
+    let changed = cut
+        .files
+        .iter()
+        .map(|f| {
+            let runs = if f.resync {
+                vec![[0, u64::MAX]]
+            } else {
+                f.ft.frozen_ranges()
+                    .into_iter()
+                    .map(|(a, b)| [a, b])
+                    .collect()
+            };
+            (f.id, runs)
+        })
+        .collect();
+    let manifest = crate::model::Manifest {
+        version: crate::model::manifest::POINT_VERSION,
+        generation: latest.generation + 1,
+        cut_id: crate::model::new_id(),
+        time: crate::model::fmt::rfc3339_ns(i128::from(cut.time_ns)),
+        time_ns: cut.time_ns,
+        consistency: crate::model::Consistency::Crash,
+        block_size: cfg.block_size,
+        groups: cut.groups.clone(),
+        entries: cut.entries.clone(),
+        origin: Some(crate::model::Origin::Diverged {
+            store: cfg.store_id.clone(),
+        }),
+    };
+    t.end_cycle(&cut, false)?;
+    t.close()?;
+    Ok(diverge::Plan {
+        version: diverge::VERSION,
+        point: latest.id.clone(),
+        manifest,
+        changed,
+        undone: false,
     })
 }
 
@@ -294,16 +396,30 @@ pub fn commit(store: &Path) -> Result<FailedOver> {
             point: p.point,
             latest,
             rolled: None,
+            kept: None,
             demoted: None,
             committed: true,
             already: true,
         });
+    }
+    let hist = diverge::dir(&r.sd);
+    if diverge::Plan::load(&hist)?.is_some() {
+        return Err(Error::operator(format!(
+            "a change of {}'s point was interrupted: run `drfs failover {} --point ID` again to finish it before committing",
+            root.display(),
+            root.display()
+        )));
     }
     let mut cfg = r.cfg.clone();
     if let Some(q) = cfg.promoted.as_mut() {
         q.committed = true;
     }
     r.sd.write_config(&cfg)?;
+    // The copies that kept the point readable are done with; a running mount keeps
+    // using its own until it ends (the next mount removes them).
+    if mounted_at(&root).is_none() && hist.exists() {
+        std::fs::remove_dir_all(&hist).at(&hist)?;
+    }
     log(
         &r.sd,
         "promoted",
@@ -315,6 +431,7 @@ pub fn commit(store: &Path) -> Result<FailedOver> {
         point: p.point,
         latest,
         rolled: None,
+        kept: None,
         demoted: None,
         committed: true,
         already: false,
@@ -412,6 +529,7 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
         point: latest.id.clone(),
         latest,
         rolled: None,
+        kept: None,
         demoted: Some(root),
         committed: true,
         already: false,
@@ -439,6 +557,7 @@ fn already_demoted(root: &Path, cfg: &crate::state::Config) -> Result<FailedOver
         point: latest.id.clone(),
         latest,
         rolled: None,
+        kept: None,
         demoted: Some(root.to_path_buf()),
         committed: true,
         already: true,

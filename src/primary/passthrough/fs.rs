@@ -282,6 +282,15 @@ impl DrFs {
             .map_err(terr)
     }
 
+    /// Before `name` in directory `dir` is deleted or replaced: a promoted store's
+    /// history keeps file `id` if that is its last link.
+    fn keep_whole(&self, id: Option<FileId>, dir: &Inode, name: &std::ffi::CStr) -> Res<()> {
+        match &self.tracker {
+            Some(t) => t.keep_whole(id, dir.fd.as_fd(), name).map_err(terr),
+            None => Ok(()),
+        }
+    }
+
     /// The tracked id of a regular file's inode.
     fn id_of(&self, inode: &Inode) -> Option<FileId> {
         if !inode.is_file() {
@@ -778,7 +787,11 @@ impl Filesystem for DrFs {
             let _c = self.caller(req);
             let (from, to) = (self.rel_child(&p, name), self.rel_child(&np, newname));
             // The moved file, and a file it replaces (whose other links remain).
-            let _g = self.gate([self.id_at(&from), self.id_at(&to)])?;
+            let replaced = self.id_at(&to);
+            let _g = self.gate([self.id_at(&from), replaced])?;
+            if !flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                self.keep_whole(replaced, &np, &b)?;
+            }
             let r = unsafe {
                 libc::renameat2(
                     p.fd.as_raw_fd(),
@@ -1231,6 +1244,7 @@ impl DrFs {
             // A file's other links remain: its ctime changes.
             let id = if dir { None } else { self.id_at(&path) };
             let _g = self.gate([id, None])?;
+            self.keep_whole(id, &p, &c)?;
             sys::cvt(unsafe { libc::unlinkat(p.fd.as_raw_fd(), c.as_ptr(), flags) })
                 .map_err(errno)?;
             self.log(if dir {

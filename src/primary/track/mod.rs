@@ -16,6 +16,7 @@ pub mod cow;
 pub mod cut;
 pub mod file;
 pub mod fine;
+pub mod history;
 pub mod lockdown;
 pub mod observe;
 pub mod reconcile;
@@ -86,6 +87,8 @@ pub struct Tracker {
     /// Each file's fine record, kept while its tracking is not loaded (no write can
     /// reach the file then, and its bitmaps wait on disk), dropped with its bitmaps.
     fines: Mutex<HashMap<FileId, Arc<Mutex<fine::Fine>>>>,
+    /// A promoted store whose failover is not committed: its latest point kept readable.
+    history: std::sync::OnceLock<history::History>,
 }
 
 /// Held while an operation changes file data; a checkpoint or cut waits for it. Dropping
@@ -155,6 +158,7 @@ impl Tracker {
             observing: AtomicBool::new(false),
             budget: fine::Budget::new(fine::BUDGET),
             fines: Mutex::new(HashMap::new()),
+            history: std::sync::OnceLock::new(),
         };
         t.merge_frozen()?;
         if let LastStop::HostCrash { .. } = last {
@@ -363,6 +367,9 @@ impl Tracker {
                         ft.forget_pieces(first, last);
                     }
                     ft.preserve(first, last)?;
+                    if let Some(h) = self.history.get() {
+                        h.preserve(ft.id, &ft.fd, first, last)?;
+                    }
                     if self.observing.load(Ordering::Acquire) {
                         if let Some(o) = &*self.observer.read() {
                             o.mark(ft.id, first, last);
@@ -375,6 +382,32 @@ impl Tracker {
                     self.checkpoint()?;
                 }
             }
+        }
+    }
+
+    /// Keeps the latest point readable from now on (before the mount serves).
+    pub fn keep_history(&self) -> Result<()> {
+        let bs = self.cfg.block_size;
+        let h = history::History::open(&self.state, bs, &|id| bitmap_ranges(&self.state, bs, id))?;
+        tracing::info!(
+            "the failover is not committed: the first change to each block of the latest point keeps a copy in {}",
+            h.dir().display()
+        );
+        let _ = self.history.set(h);
+        Ok(())
+    }
+
+    /// Before `name` in `dir`, file `id`, is deleted or replaced: the history keeps it
+    /// if that is its last link.
+    pub fn keep_whole(
+        &self,
+        id: Option<FileId>,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+    ) -> Result<()> {
+        match (self.history.get(), id) {
+            (Some(h), Some(id)) => h.keep_whole(id, dir, name),
+            _ => Ok(()),
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod adopt;
 pub mod apply;
+pub mod diverge;
 pub mod hashes;
 pub mod incoming;
 pub mod partial;

@@ -194,6 +194,27 @@ impl UndoWriter {
         );
     }
 
+    /// File `id` is kept whole from `data` (hard-linked in), with the hash entries (and
+    /// piece records) of the index file `hashes`.
+    pub fn whole_from(&mut self, id: FileId, data: &Path, hashes: &Path) -> Result<()> {
+        let dst = data_path(&self.tmp, id);
+        if dst.exists() {
+            fs::remove_file(&dst).at(&dst)?;
+        }
+        fs::hard_link(data, &dst).at(&dst)?;
+        let hd = hash_path(&self.tmp, id);
+        for (s, d) in [
+            (hashes.to_path_buf(), hd.clone()),
+            (pieces::path(hashes), pieces::path(&hd)),
+        ] {
+            if s.exists() {
+                fs::copy(&s, &d).at(&d)?;
+            }
+        }
+        self.whole(id);
+        Ok(())
+    }
+
     pub fn finish(self) -> Result<UndoIndex> {
         self.index.save(&self.tmp)?;
         sys::fsync_dir(&self.tmp).at(&self.tmp)?;
