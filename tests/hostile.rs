@@ -267,6 +267,7 @@ fn begun(out: &mut Vec<u8>, base: u64, seed: bool) -> Writer<&mut Vec<u8>> {
         init: true,
         keep: "all:1h".into(),
         seed,
+        planned: false,
     })
     .unwrap();
     w.msg(&Msg::Begin {
@@ -390,6 +391,7 @@ fn compressed_streams_apply_and_corrupt_frames_or_bombs_are_refused() {
             init: true,
             keep: "all:1h".into(),
             seed: true,
+            planned: false,
         })
         .unwrap();
         w.msg(&Msg::Begin {
@@ -446,4 +448,126 @@ fn compressed_streams_apply_and_corrupt_frames_or_bombs_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), data);
+}
+
+/// A planned failover's session from store `store`: hello, then `then`, then bye.
+fn planned_stream(store: &str, then: &[Msg]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = Writer::new(&mut out).unwrap();
+    w.msg(&Msg::Hello {
+        store_id: store.into(),
+        block_size: BS,
+        init: false,
+        keep: "all:1h".into(),
+        seed: false,
+        planned: true,
+    })
+    .unwrap();
+    for m in then {
+        w.msg(m).unwrap();
+    }
+    w.msg(&Msg::Bye).unwrap();
+    out
+}
+
+fn promote(point: &str, target: &str) -> Msg {
+    Msg::Promote {
+        point: point.into(),
+        reverse: Box::new(drfs::wire::Reverse {
+            target: target.into(),
+            replica_id: "s0".into(),
+            interval: drfs::model::Interval::Manual,
+            keep: "all:1h".into(),
+            group: drfs::model::Group::Store,
+            expect_every: None,
+            compress: None,
+            bwlimit: None,
+        }),
+    }
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn a_planned_session_promotes_only_for_its_primary_at_its_latest_point() {
+    let c = Case::new("hostile-planned");
+    let m = manifest(vec![entry("f", Kind::File, Some(1), BS)]);
+    let first = c.feed(&stream(&[data_block(1, 0, vec![7; BS as usize])], m));
+    assert!(first.status.success(), "{first:?}");
+    let cfg = || std::fs::read_to_string(c.replica.join(".drfs/state.toml")).unwrap();
+    let latest = std::fs::read_to_string(c.replica.join(".drfs/latest")).unwrap();
+    let back = "ssh://primary.example/srv/store";
+    let begin = Msg::Begin {
+        generation: 2,
+        base: Some(1),
+        cut_id: "y".into(),
+        resync: false,
+    };
+    let index = Msg::IndexRequest {
+        id: FileId(1),
+        first: 0,
+        count: 1 << 20,
+    };
+    let mut plain = Vec::new();
+    {
+        let mut w = Writer::new(&mut plain).unwrap();
+        w.msg(&Msg::Hello {
+            store_id: "s0".into(),
+            block_size: BS,
+            init: false,
+            keep: "all:1h".into(),
+            seed: false,
+            planned: false,
+        })
+        .unwrap();
+        w.msg(&promote(&latest, back)).unwrap();
+    }
+    for (bytes, why, says) in [
+        (
+            plain,
+            "a promotion outside a planned session",
+            "only a planned failover's session",
+        ),
+        (
+            planned_stream("s1", &[promote(&latest, back)]),
+            "another store's session",
+            "another store",
+        ),
+        (
+            planned_stream("s0", &[promote("00000009", back)]),
+            "a point that is not the latest",
+            "not 00000009",
+        ),
+        (
+            planned_stream("s0", &[promote(&latest, "/srv/store")]),
+            "a way back that is not ssh",
+            "must be an ssh:// target",
+        ),
+        (
+            planned_stream("s0", &[begin]),
+            "a cycle in a planned session",
+            "ships no cycle",
+        ),
+        (
+            planned_stream("s0", &[index]),
+            "an index request too large",
+            "too large",
+        ),
+    ] {
+        let out = c.feed(&bytes);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{why}: accepted");
+        assert_eq!(err.trim_end().lines().count(), 1, "{why}: {err}");
+        assert!(err.contains(says), "{why}: {err}");
+        assert!(cfg().contains("role = \"replica\""), "{why}: promoted");
+    }
+    // Its own primary, at the latest point: promoted, with the way back as settings.
+    let out = c.feed(&planned_stream("s0", &[promote(&latest, back)]));
+    assert!(out.status.success(), "{out:?}");
+    let cfg = cfg();
+    assert!(cfg.contains("role = \"primary\""), "{cfg}");
+    assert!(cfg.contains(back), "{cfg}");
+    assert!(
+        !cfg.contains("ssh_command") && !cfg.contains("hooks"),
+        "{cfg}"
+    );
 }

@@ -145,7 +145,7 @@ fn connect(root: &Path) -> Conn {
     let root = root.to_path_buf();
     let receiver = std::thread::spawn(move || {
         let input = theirs.try_clone().expect("clone");
-        drfs::replica::receive::serve(&root, input, theirs)
+        drfs::replica::receive::serve(&root, input, theirs, None)
     });
     let (w, r) = drfs::wire::greeting::open(
         BufWriter::new(mine.try_clone().expect("clone")),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::rep::same_tree;
+use common::rep::{same_tree, same_tree_excluding_state};
 use common::*;
 
 /// A running sshd and the keys around it.
@@ -59,11 +59,18 @@ impl Sshd {
         let nobin = keygen(&dir.join("nobin"));
         let noisy = keygen(&dir.join("noisy"));
         keygen(&dir.join("wrong"));
+        // For the way back after a failover: the old primary's store is under `root`.
+        let wide = keygen(&dir.join("wide"));
+        // A receiver that dies once it has promoted its replica (a planned failover).
+        let dies = keygen(&dir.join("dies"));
         let restricted = format!("{BIN} receive --restrict-to {}", replicas.display());
         let keys = format!(
             "command=\"{restricted}\",restrict {good}\n\
              command=\"PATH=/nonexistent; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\",restrict {nobin}\n\
-             command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n"
+             command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n\
+             command=\"{BIN} receive --restrict-to {root}\",restrict {wide}\n\
+             command=\"DRFS_FAULT=planned:promoted-there exec {restricted}\",restrict {dies}\n",
+            root = root.display()
         );
         std::fs::write(dir.join("authorized_keys"), keys).unwrap();
         let port = free_port();
@@ -914,4 +921,196 @@ fn over_a_wan_link_a_cycle_completes_the_cap_holds_and_a_cut_link_resumes() {
     // Reported precisely above; asserted generously (the machine is shared).
     assert!(worst < 30.0, "a 10 s window off by {worst:.1} %");
     f.unmount();
+}
+
+/// `random` 64 KiB blocks written into `img` at block `at` (through whatever mount).
+fn write_blocks(img: &Path, at: u64, count: u64) {
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64K count={count} seek={at} conv=notrunc,fsync status=none",
+        img.display()
+    ));
+}
+
+/// The role a store's or a replica's `state.toml` gives it, and whether it is locked.
+fn role(dir: &Path) -> (String, bool) {
+    let cfg = std::fs::read_to_string(dir.join(".drfs/state.toml")).unwrap();
+    let role = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("role = "))
+        .unwrap_or("?")
+        .trim_matches('"')
+        .to_string();
+    (role, cfg.contains("[locked]"))
+}
+
+/// The data bytes of the last cycle `store` shipped.
+fn last_cycle_bytes(store: &Path) -> u64 {
+    let st = ok(drfs().arg("status").arg(store).arg("--json"));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    st["last_cycle"]["bytes"].as_u64().unwrap()
+}
+
+/// A store replicating over ssh to a fresh replica under sshd's replica directory, with
+/// a 32 MiB image (4 MiB of data shipped, then 3 blocks written after the cycle) and a
+/// small file: the replica, its target and the store's way back.
+fn protected_over_ssh(f: &Fixture, sshd: &Sshd) -> (PathBuf, String, String) {
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s 32M {m}/disk.img && echo notes > {m}/notes",
+        m = f.mnt.display()
+    ));
+    write_blocks(&f.m("disk.img"), 0, 64);
+    let to = sshd.target(&replica);
+    let out = protect(&f.store, &to, &sshd.client("id", "known_hosts"));
+    assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
+    ok(drfs().arg("ship").arg(&f.store));
+    // Writes up to the stop: the final cycle ships them.
+    write_blocks(&f.m("disk.img"), 100, 3);
+    (replica, to, sshd.target(&f.store))
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_planned_failover_and_its_failback_run_over_ssh() {
+    let f = Fixture::new("ssh-planned");
+    let sshd = Sshd::start(&f.root);
+    let (replica, to, back) = protected_over_ssh(&f, &sshd);
+    let wide = sshd.client("wide", "known_hosts");
+    let store = f.store.as_os_str();
+
+    // The way back must be named; nothing changes without it.
+    let out = drfs()
+        .args([os("failover"), store, os("--planned")])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64, "{out:?}");
+    fails(out, "needs --reverse-to ssh://");
+    assert_eq!(role(&f.store), ("primary".into(), false));
+
+    // Mounted, with no writer: the mount turns read-only, ends, and the store is demoted.
+    let out = ok(drfs().args([
+        os("failover"),
+        store,
+        os("--planned"),
+        os("--reverse-to"),
+        os(&back),
+    ]));
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    assert!(!is_mounted(&f.mnt), "the old primary's mount ended");
+    assert_eq!(role(&f.store).0, "replica");
+    assert_eq!(role(&replica).0, "primary");
+    same_tree_excluding_state(&f.store, &replica, "after the planned failover");
+    // Its hash index came over the link: every block checks against it.
+    let v = ok(drfs().arg("verify").arg(&f.store));
+    println!("{}", String::from_utf8_lossy(&v.stdout).trim());
+    let events = ok(drfs().arg("events").arg(&replica));
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("planned failover from ssh://"), "{events}");
+    // The old primary's cycles are over: it is a replica now.
+    let out = drfs().arg("ship").arg(&f.store).output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+
+    // The new primary serves; its cycles flow back over ssh with only the new writes.
+    // The ssh command does not travel: it is set on the new primary.
+    ok(drfs()
+        .arg("protect")
+        .arg(&replica)
+        .args(["--ssh-command", &wide]));
+    let mnt2 = f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(&replica).arg(&mnt2));
+    write_blocks(&mnt2.join("disk.img"), 200, 2);
+    let out = drfs().arg("ship").arg(&replica).output().unwrap();
+    assert!(out.status.success(), "ship back: {out:?}\n{}", sshd.log());
+    let sent = last_cycle_bytes(&replica);
+    println!("the first cycle back sent {sent} bytes for 131072 written");
+    assert!(sent <= 3 * 65536, "only the new writes travel: {sent}");
+    ok(drfs().arg("unmount").arg(&mnt2));
+    same_tree_excluding_state(&replica, &f.store, "after the first cycle back");
+
+    // Failback: a planned failover the other way, over ssh too.
+    let out = ok(drfs().args([
+        os("failover"),
+        replica.as_os_str(),
+        os("--planned"),
+        os("--reverse-to"),
+        os(&to),
+    ]));
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(role(&f.store).0, "primary");
+    assert_eq!(role(&replica).0, "replica");
+    same_tree_excluding_state(&replica, &f.store, "after the failback");
+
+    // The original direction again, no resync: the ssh command does not travel, so it
+    // is set again on the store.
+    ok(drfs()
+        .arg("protect")
+        .arg(&f.store)
+        .args(["--ssh-command", &sshd.client("id", "known_hosts")]));
+    f.mount(&[]);
+    write_blocks(&f.m("disk.img"), 300, 1);
+    ok(drfs().arg("ship").arg(&f.store));
+    let sent = last_cycle_bytes(&f.store);
+    println!("the first cycle after the failback sent {sent} bytes for 65536 written");
+    assert!(sent <= 2 * 65536, "{sent}");
+    f.unmount();
+    same_tree_excluding_state(&f.store, &replica, "after the failback's first cycle");
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_planned_failover_over_ssh_killed_at_any_step_completes_when_run_again() {
+    // The sender's steps, then the receiver killed once it promoted its replica (a key
+    // whose command sets the fault for `drfs receive`).
+    for fault in [
+        "planned:locked",
+        "planned:shipped",
+        "planned:promoted",
+        "planned:unmounted",
+        "planned:adopted",
+        "planned:promoted-there",
+    ] {
+        let f = Fixture::new("ssh-plannedkill");
+        let sshd = Sshd::start(&f.root);
+        let (replica, _, back) = protected_over_ssh(&f, &sshd);
+        let args = [
+            os("failover"),
+            f.store.as_os_str(),
+            os("--planned"),
+            os("--reverse-to"),
+            os(&back),
+        ];
+        let mut cmd = drfs();
+        cmd.args(args);
+        if fault == "planned:promoted-there" {
+            cmd.env("DRFS_SSH_COMMAND", sshd.client("dies", "known_hosts"));
+        } else {
+            cmd.env("DRFS_FAULT", fault);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{fault}: did not stop: {out:?}");
+        // Never two primaries that both accept.
+        let (store_role, locked) = role(&f.store);
+        assert!(
+            !(store_role == "primary" && !locked && role(&replica).0 == "primary"),
+            "{fault}: two primaries"
+        );
+        let out = ok(drfs().args(args));
+        println!("{fault}: {}", String::from_utf8_lossy(&out.stdout).trim());
+        assert!(!is_mounted(&f.mnt), "{fault}");
+        assert_eq!(role(&f.store).0, "replica", "{fault}");
+        same_tree_excluding_state(&f.store, &replica, fault);
+        // The new primary's cycles flow back.
+        ok(drfs()
+            .arg("protect")
+            .arg(&replica)
+            .args(["--ssh-command", &sshd.client("wide", "known_hosts")]));
+        let mnt2 = f.mountpoint("mnt2");
+        ok(drfs().arg("mount").arg(&replica).arg(&mnt2));
+        write_blocks(&mnt2.join("disk.img"), 200, 1);
+        ok(drfs().arg("ship").arg(&replica));
+        ok(drfs().arg("unmount").arg(&mnt2));
+        same_tree_excluding_state(&replica, &f.store, fault);
+    }
 }

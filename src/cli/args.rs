@@ -259,6 +259,10 @@ pub enum Cmd {
         /// data is lost, and replication is reversed.
         #[arg(long)]
         planned: bool,
+        /// With --planned, for a replica on another host: how that host reaches this
+        /// store (`ssh://[user@]host[:port]/path`) for the replication back.
+        #[arg(long, requires = "planned", value_name = "URL")]
+        reverse_to: Option<String>,
     },
     /// After an unplanned failover: make the old primary (back, diverged) the replica of
     /// STORE; only blocks that differ travel, and what it held is kept as a point tagged

@@ -234,7 +234,14 @@ pub fn run(cli: Cli) -> Result<i32> {
             point,
             commit,
             planned,
-        } => failover(&path, point.as_deref(), commit, planned),
+            reverse_to,
+        } => failover(
+            &path,
+            point.as_deref(),
+            commit,
+            planned,
+            reverse_to.as_deref(),
+        ),
         Cmd::Reprotect {
             store,
             to,
@@ -433,10 +440,16 @@ fn status(path: &Path, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn failover(path: &Path, point: Option<&str>, commit: bool, planned: bool) -> Result<i32> {
+fn failover(
+    path: &Path,
+    point: Option<&str>,
+    commit: bool,
+    planned: bool,
+    reverse_to: Option<&str>,
+) -> Result<i32> {
     here(path)?;
     let f = if planned {
-        ops::failover::planned(path)?
+        ops::failover::planned(path, reverse_to)?
     } else if commit {
         ops::failover::commit(path)?
     } else {

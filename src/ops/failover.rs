@@ -23,6 +23,8 @@
 //! mounted writable, and a promoted replica refuses every cycle (`Replica::refuse_if_promoted`):
 //! there are never two primaries that both accept cycles.
 
+pub mod remote;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +32,7 @@ use crate::daemon::control;
 use crate::error::{At, Error, Result};
 use crate::model::fmt::rfc3339_now;
 use crate::model::lineage::{Promotion, Why};
-use crate::model::{PointInfo, Target};
+use crate::model::{Manifest, PointInfo, Target};
 use crate::primary::cycle::CycleState;
 use crate::primary::track::{self, seed};
 use crate::replica::posix::Replica;
@@ -450,8 +452,25 @@ pub(crate) fn log(sd: &StateDir, old: &str, new: &str, line: &str) {
     );
 }
 
-/// `drfs failover STORE --planned`.
-pub fn planned(store: &Path) -> Result<FailedOver> {
+/// The planned failover's line on the new primary: promoted, from `from` at `point`.
+fn log_promoted(sd: &StateDir, from: &str, point: &str) {
+    let line = format!(
+        "failover: planned failover from {from} at point {point}; it is now this store's replica"
+    );
+    log(sd, "replica", "promoted", &line);
+}
+
+/// The planned failover's line on the old primary: demoted, the replica of `to`.
+fn log_demoted(sd: &StateDir, to: &str, point: &str) {
+    let line = format!(
+        "failover: planned failover to {to} at point {point}; this store is its replica now"
+    );
+    log(sd, "primary", "demoted", &line);
+}
+
+/// `drfs failover STORE --planned [--reverse-to URL]`: `back` is how a replica on
+/// another host reaches this store (needed for it, refused for a local one).
+pub fn planned(store: &Path, back: Option<&str>) -> Result<FailedOver> {
     let root = canonical(store, "store")?;
     let (sd, cfg) = StateDir::open(&root)?;
     if cfg.role == Role::Replica {
@@ -463,16 +482,24 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
             root.display()
         ))
     })?;
-    let Target::Local(replica) = rep.target.clone() else {
-        return Err(Error::Invalid(format!(
-            "a planned failover to {} is not supported yet: run it where both are local",
-            rep.target
-        )));
+    let replica = match (&rep.target, back) {
+        (Target::Local(replica), None) => canonical(replica, "replica")?,
+        (Target::Local(_), Some(_)) => {
+            return Err(Error::Invalid(format!(
+                "--reverse-to is for a replica on another host; {} is a local directory, and replicates back to {} itself",
+                rep.target,
+                root.display()
+            )));
+        }
+        (Target::Ssh { .. }, back) => return remote::planned(&root, &sd, &cfg, &rep, back),
+        (Target::S3 { .. }, _) => {
+            return Err(Error::Invalid(rep.target.local().err().unwrap_or_default()));
+        }
     };
-    let replica = canonical(&replica, "replica")?;
+    let at = replica.display().to_string();
     match mounted_at(&root) {
-        Some(mnt) => lock_mounted(&cfg.store_id, &replica, &mnt)?,
-        None => lock(&sd, &replica)?,
+        Some(mnt) => lock_mounted(&cfg.store_id, &at, &mnt)?,
+        None => lock(&sd, &at)?,
     }
     crate::sys::fault::hit("planned:locked");
     let promoted_from_us = Replica::open_only(&replica)
@@ -497,33 +524,21 @@ pub fn planned(store: &Path) -> Result<FailedOver> {
     let latest = r
         .latest()?
         .ok_or_else(|| Error::Invalid(format!("{} has no point", replica.display())))?;
-    reverse(&r, &root, &rep, &latest)?;
+    let old_id = cfg.store_id.clone();
+    reverse(
+        &r,
+        back_of(&rep, Target::Local(root.clone()), old_id),
+        &latest,
+    )?;
     crate::sys::fault::hit("planned:reversed");
     if let Some(mnt) = mounted_at(&root) {
-        retire(&root, &replica, &mnt)?;
+        retire(&root, &at, &mnt)?;
         crate::sys::fault::hit("planned:unmounted");
     }
-    demote(&sd, &r, &latest)?;
-    log(
-        &r.sd,
-        "replica",
-        "promoted",
-        &format!(
-            "failover: planned failover from {} at point {}; it is now this store's replica",
-            root.display(),
-            latest.id
-        ),
-    );
-    log(
-        &sd,
-        "primary",
-        "demoted",
-        &format!(
-            "failover: planned failover to {} at point {}; this store is its replica now",
-            replica.display(),
-            latest.id
-        ),
-    );
+    let m = r.manifest(&latest.id)?;
+    demote(&sd, &r.cfg.store_id, &at, &m, Index::CopyFrom(&r))?;
+    log_promoted(&r.sd, &root.display().to_string(), &latest.id);
+    log_demoted(&sd, &at, &latest.id);
     Ok(FailedOver {
         store: replica,
         point: latest.id.clone(),
@@ -565,8 +580,8 @@ fn already_demoted(root: &Path, cfg: &crate::state::Config) -> Result<FailedOver
 }
 
 /// Locks the store against mounts for the failover to `replica`.
-fn lock(sd: &StateDir, replica: &Path) -> Result<()> {
-    sd.set_locked(Some(&replica.display().to_string()))
+fn lock(sd: &StateDir, replica: &str) -> Result<()> {
+    sd.set_locked(Some(replica))
 }
 
 /// Unlocks the store, and its daemon if it is mounted.
@@ -587,9 +602,9 @@ fn mounted_at(root: &Path) -> Option<PathBuf> {
 
 /// Turns the mounted store read-only through its daemon, which records the lock; refused
 /// while files are open for writing through the mount (nothing changes then).
-fn lock_mounted(store_id: &str, replica: &Path, mnt: &Path) -> Result<()> {
+fn lock_mounted(store_id: &str, replica: &str, mnt: &Path) -> Result<()> {
     let req = control::Request::Lock {
-        replica: replica.display().to_string(),
+        replica: replica.to_string(),
     };
     let Some(v) = control::call(store_id, &req)? else {
         return Err(Error::Busy(format!(
@@ -617,11 +632,10 @@ fn lock_mounted(store_id: &str, replica: &Path, mnt: &Path) -> Result<()> {
 
 /// The replica is the primary now: the old primary's read-only mount ends (its daemon
 /// records a clean stop) before the store becomes the replica.
-fn retire(root: &Path, replica: &Path, mnt: &Path) -> Result<()> {
+fn retire(root: &Path, replica: &str, mnt: &Path) -> Result<()> {
     crate::ops::mount::unmount(mnt, false).map_err(|e| match e {
         Error::Busy(why) => Error::Busy(format!(
-            "{} is the primary now, but the old primary's read-only mount at {} cannot end yet ({why}); close what is open there and run `drfs failover {} --planned` again to finish",
-            replica.display(),
+            "{replica} is the primary now, but the old primary's read-only mount at {} cannot end yet ({why}); close what is open there and run `drfs failover {} --planned` again to finish",
             mnt.display(),
             root.display()
         )),
@@ -648,7 +662,6 @@ fn final_cycle(sd: &StateDir, root: &Path) -> Result<()> {
 /// Zero data loss: nothing is left unshipped, and the replica's latest point is the
 /// point this store last shipped.
 fn check_equal(sd: &StateDir, r: &Replica) -> Result<()> {
-    let cfg = sd.config()?;
     let st = CycleState::load(sd)?;
     let latest = r.latest()?;
     if latest.as_ref().map(|p| &p.id) != st.point.as_ref() {
@@ -658,6 +671,12 @@ fn check_equal(sd: &StateDir, r: &Replica) -> Result<()> {
             st.point.unwrap_or_else(|| "none".into())
         )));
     }
+    all_shipped(sd)
+}
+
+/// Nothing of the store is left unshipped (a failure unlocks it).
+fn all_shipped(sd: &StateDir) -> Result<()> {
+    let cfg = sd.config()?;
     let table = track::load_table(sd)?;
     for f in table.entries() {
         let dirty = track::bitmap_ranges(sd, cfg.block_size, f.id)?;
@@ -672,16 +691,14 @@ fn check_equal(sd: &StateDir, r: &Replica) -> Result<()> {
     Ok(())
 }
 
-/// The promoted replica replicates back to the old primary, from the point they share.
-fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Result<()> {
-    let old_id = StateDir::new(old).config()?.store_id;
-    let mut cfg = r.sd.config()?;
-    cfg.replication = Some(Replication {
-        target: Target::Local(old.to_path_buf()),
+/// The replication back to the old primary (`old`, id `old_id`): the old settings.
+fn back_of(rep: &Replication, old: Target, old_id: String) -> Replication {
+    Replication {
+        target: old,
         interval: rep.interval,
         keep: rep.keep.clone(),
         group: rep.group,
-        replica_id: old_id.clone(),
+        replica_id: old_id,
         expect_every: rep.expect_every,
         paused: None,
         // The same VMs run there: the same freeze and thaw.
@@ -689,7 +706,15 @@ fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Re
         ssh_command: rep.ssh_command.clone(),
         compress: rep.compress,
         bwlimit: rep.bwlimit.clone(),
-    });
+    }
+}
+
+/// The promoted replica replicates back to the old primary as `back` says, from the
+/// point they share.
+fn reverse(r: &Replica, back: Replication, latest: &PointInfo) -> Result<()> {
+    let old_id = back.replica_id.clone();
+    let mut cfg = r.sd.config()?;
+    cfg.replication = Some(back);
     let st = CycleState {
         version: crate::primary::cycle::STATE_VERSION,
         replica_id: Some(old_id),
@@ -702,10 +727,16 @@ fn reverse(r: &Replica, old: &Path, rep: &Replication, latest: &PointInfo) -> Re
     r.sd.write_config(&cfg)
 }
 
-/// The old primary becomes the replica of `r`, at `r`'s latest point.
-fn demote(sd: &StateDir, r: &Replica, latest: &PointInfo) -> Result<()> {
-    let m = r.manifest(&latest.id)?;
-    adopt::adopt(sd, &m, Index::CopyFrom(r))?;
+/// The old primary becomes the replica of the store `new_id` (at `peer`), at its point
+/// `m`, whose hash index `index` gives.
+fn demote(
+    sd: &StateDir,
+    new_id: &str,
+    peer: &str,
+    m: &Manifest,
+    index: Index<'_>,
+) -> Result<PointInfo> {
+    let info = adopt::adopt(sd, m, index)?;
     crate::sys::fault::hit("planned:adopted");
     let mut cfg = sd.config()?;
     let keep = cfg.replication.as_ref().map(|x| x.keep.clone());
@@ -714,15 +745,13 @@ fn demote(sd: &StateDir, r: &Replica, latest: &PointInfo) -> Result<()> {
         std::fs::remove_file(&cs).at(&cs)?;
     }
     cfg.role = Role::Replica;
-    cfg.source = Some(r.cfg.store_id.clone());
+    cfg.source = Some(new_id.to_string());
     cfg.keep = keep.or(cfg.keep);
     cfg.replication = None;
     cfg.locked = None;
     cfg.promoted = None;
-    cfg.lineage.push(epoch(
-        Why::Demoted,
-        Some(&r.root.display().to_string()),
-        Some(&latest.id),
-    ));
-    sd.write_config(&cfg)
+    cfg.lineage
+        .push(epoch(Why::Demoted, Some(peer), Some(&info.id)));
+    sd.write_config(&cfg)?;
+    Ok(info)
 }

@@ -15,7 +15,9 @@ pub fn receive(replica: &Path) -> Result<()> {
     unsafe { libc::umask(0o077) };
     let stdin = std::io::stdin();
     let stdout = std::io::stdout().lock();
-    let r = crate::replica::receive::serve(replica, stdin, stdout);
+    let promote: crate::replica::receive::Promoter<'_> =
+        &crate::ops::failover::remote::promote_planned;
+    let r = crate::replica::receive::serve(replica, stdin, stdout, Some(promote));
     if let Ok(rep) = crate::replica::posix::Replica::open_only(replica) {
         if let Ok(s) = crate::obs::status::replica(&rep) {
             crate::obs::watch::health(&rep.sd, s.health, &s.reasons);

@@ -81,6 +81,8 @@ pub struct Binding<'a> {
     pub keep: &'a str,
     /// A directory that holds files may become the replica (its files a seed copy).
     pub seed: bool,
+    /// A planned failover: a replica this store's planned failover promoted binds too.
+    pub planned: bool,
 }
 
 /// What a receive session writes to: one replica, bound to one store.
@@ -91,6 +93,8 @@ pub trait ReplicaStore {
     fn id(&self) -> &str;
     /// The store it replicates.
     fn source(&self) -> Option<&str>;
+    /// The point a planned failover of its source promoted it at (it takes no cycle).
+    fn promoted(&self) -> Option<&str>;
     fn block_size(&self) -> u64;
     fn latest(&self) -> Result<Option<PointInfo>>;
     /// Starts staging cycle `generation`, which builds on `base` (resuming what an
@@ -111,6 +115,9 @@ pub trait ReplicaStore {
         first: u64,
         count: u64,
     ) -> Result<Vec<BlockHash>>;
+    /// The BLAKE3 entries its hash index keeps for blocks `first..first+count` of file
+    /// `id` of the latest point (what the primary sent, not a fresh read of the files).
+    fn index(&mut self, id: FileId, first: u64, count: u64) -> Result<Vec<BlockHash>>;
     /// The staged cycle becomes a point described by `m` (atomically), then retention runs.
     fn commit(&mut self, m: Manifest) -> Result<PointInfo>;
 }

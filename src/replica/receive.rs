@@ -2,7 +2,9 @@
 //! for any `ReplicaStore`. It binds the replica to a store (an empty directory on `drfs
 //! protect`), refuses a cycle whose base is not its latest point (a diverged copy),
 //! answers hash requests for resyncs, stages and verifies blocks, and commits a cycle as
-//! a point. Every byte is hostile: paths, sizes and counts are checked before they reach
+//! a point. A planned failover's session (a hello with `planned`) may instead promote the
+//! replica (through the layer that owns roles: `Promoter`) and read its hash index.
+//! Every byte is hostile: paths, sizes and counts are checked before they reach
 //! the store. Refusals go back to the sender with their class (retry or not).
 
 use std::collections::BTreeSet;
@@ -11,14 +13,14 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 use crate::error::{At, Class, Error, Result};
-use crate::model::{FileId, Kind, Manifest, RelPath};
+use crate::model::{FileId, Kind, Manifest, PointRef, RelPath};
 use crate::replica::posix::incoming::MAX_FILE;
 use crate::replica::posix::store::Receiving;
 use crate::replica::posix::tree::validate;
 use crate::replica::{Binding, ReplicaStore};
 use crate::wire::compress::{self, Compress};
 use crate::wire::pipe::Prefetch;
-use crate::wire::{Frame, Hashes, Msg, Reader, WireError, Writer, greeting};
+use crate::wire::{Frame, Hashes, Msg, Reader, Reverse, WireError, Writer, greeting};
 
 /// How many entries one manifest may have.
 const MAX_ENTRIES: usize = 10_000_000;
@@ -39,11 +41,26 @@ fn lock(root: &Path) -> Result<File> {
     Ok(dir)
 }
 
+/// A planned failover's promotion of the replica at a path, for the store with an id, at
+/// a point, replicating back as `Reverse` says: done above this layer (`ops::failover`
+/// owns roles), with the receive lock held. Returns the point and its manifest.
+pub type Promoter<'a> = &'a dyn Fn(&Path, &str, &str, &Reverse) -> Result<(PointRef, Manifest)>;
+
 /// Serves one sender for the POSIX replica at `root` until it says goodbye. An error is
-/// also sent to the sender.
-pub fn serve(root: &Path, input: impl Read + Send + 'static, output: impl Write) -> Result<()> {
+/// also sent to the sender. Without a `promoter`, a planned failover is refused.
+pub fn serve(
+    root: &Path,
+    input: impl Read + Send + 'static,
+    output: impl Write,
+    promoter: Option<Promoter<'_>>,
+) -> Result<()> {
     let _lock = lock(root);
-    serve_store(|b: &Binding<'_>| Receiving::bind(root, b), input, output)
+    serve_store(
+        |b: &Binding<'_>| Receiving::bind(root, b),
+        input,
+        output,
+        promoter,
+    )
 }
 
 /// What binds a stream to its store.
@@ -57,6 +74,7 @@ pub fn serve_store<S: ReplicaStore>(
     bind: impl Bind<S>,
     input: impl Read + Send + 'static,
     output: impl Write,
+    promoter: Option<Promoter<'_>>,
 ) -> Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, output);
     greeting::announce(&mut out)?;
@@ -86,6 +104,8 @@ pub fn serve_store<S: ReplicaStore>(
         w,
         r,
         generation: None,
+        planned: None,
+        promoter,
     };
     let result = s.run(bind);
     if let Err(e) = &result {
@@ -97,14 +117,17 @@ pub fn serve_store<S: ReplicaStore>(
     result
 }
 
-struct Session<R: Read, W: Write> {
+struct Session<'p, R: Read, W: Write> {
     w: Writer<W>,
     r: Reader<R>,
     /// The cycle being received, once begun.
     generation: Option<u64>,
+    /// A planned failover's session: the store that asked. It ships no cycle.
+    planned: Option<String>,
+    promoter: Option<Promoter<'p>>,
 }
 
-impl<R: Read, W: Write> Session<R, W> {
+impl<R: Read, W: Write> Session<'_, R, W> {
     fn run<S: ReplicaStore>(&mut self, bind: impl Bind<S>) -> Result<()> {
         let Msg::Hello {
             store_id,
@@ -112,6 +135,7 @@ impl<R: Read, W: Write> Session<R, W> {
             init,
             keep,
             seed,
+            planned,
         } = self.r.msg()?
         else {
             return refuse("the stream did not start with a hello", true);
@@ -125,6 +149,7 @@ impl<R: Read, W: Write> Session<R, W> {
             init,
             keep: &keep,
             seed,
+            planned,
         })?;
         check_binding(&store, &store_id, block_size)?;
         let latest = store.latest()?;
@@ -132,7 +157,11 @@ impl<R: Read, W: Write> Session<R, W> {
             replica_id: store.id().to_string(),
             source: store.source().map(str::to_string),
             latest: latest.map(|p| p.to_ref()),
+            promoted: store.promoted().map(str::to_string),
         })?;
+        if planned {
+            self.planned = Some(store_id);
+        }
         loop {
             match self.r.read_frame()? {
                 Frame::Msg(Msg::Bye) => return Ok(()),
@@ -157,6 +186,12 @@ impl<R: Read, W: Write> Session<R, W> {
                     count,
                 }) => self.hashes(&mut store, id, &path, first, count)?,
                 Frame::Msg(Msg::Commit { manifest }) => self.commit(&mut store, *manifest)?,
+                Frame::Msg(Msg::Promote { point, reverse }) => {
+                    self.promote(&store, &point, &reverse)?
+                }
+                Frame::Msg(Msg::IndexRequest { id, first, count }) => {
+                    self.index(&mut store, id, first, count)?
+                }
                 Frame::Msg(m) => return refuse(format!("unexpected message {m:?}"), true),
                 Frame::Hashes(_) => return refuse("unexpected hashes from the sender", true),
             }
@@ -175,6 +210,9 @@ impl<R: Read, W: Write> Session<R, W> {
         base: Option<u64>,
         resync: bool,
     ) -> Result<()> {
+        if self.planned.is_some() {
+            return refuse("a planned failover's session ships no cycle", false);
+        }
         let latest = store.latest()?.map(|p| p.generation);
         if base != latest && !resync {
             return refuse(
@@ -213,6 +251,62 @@ impl<R: Read, W: Write> Session<R, W> {
         validate(path).map_err(Error::operator)?;
         self.begun()?;
         let hashes = store.hashes(id, path, first, count)?;
+        self.w.hashes(&Hashes { id, first, hashes })?;
+        Ok(())
+    }
+
+    /// The store that asked for a planned failover, and what promotes this replica.
+    fn planned(&self) -> Result<(&str, Promoter<'_>)> {
+        let Some(from) = self.planned.as_deref() else {
+            return refuse(
+                "only a planned failover's session may promote the replica",
+                false,
+            );
+        };
+        let Some(p) = self.promoter else {
+            return refuse("this receiver cannot promote its replica", false);
+        };
+        Ok((from, p))
+    }
+
+    /// Promotes the replica at `point` (or finds it promoted there by this sender).
+    fn promote<S: ReplicaStore>(
+        &mut self,
+        store: &S,
+        point: &str,
+        reverse: &Reverse,
+    ) -> Result<()> {
+        let (from, promote) = self.planned()?;
+        if !reverse.target.starts_with("ssh://") {
+            return refuse(
+                format!(
+                    "replication back to {} over the stream must be an ssh:// target",
+                    reverse.target
+                ),
+                false,
+            );
+        }
+        let (point, manifest) = promote(store.location(), from, point, reverse)?;
+        self.w.msg(&Msg::Promoted {
+            point,
+            manifest: Box::new(manifest),
+        })?;
+        Ok(())
+    }
+
+    /// Answers an index request from the latest point's hash index.
+    fn index<S: ReplicaStore>(
+        &mut self,
+        store: &mut S,
+        id: FileId,
+        first: u64,
+        count: u64,
+    ) -> Result<()> {
+        self.planned()?;
+        if count > MAX_HASH_BLOCKS || first.saturating_add(count) > MAX_FILE {
+            return refuse("index request too large", true);
+        }
+        let hashes = store.index(id, first, count)?;
         self.w.hashes(&Hashes { id, first, hashes })?;
         Ok(())
     }

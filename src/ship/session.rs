@@ -1,19 +1,20 @@
 //! The protocol around a cycle's data, the same for every source: `hello` (who ships, and
 //! what the replica holds: its id, whose replica it is, its latest point), `send` (begin a
 //! cycle on a base generation, the source's blocks, commit the manifest, the point it
-//! became), `bind` (protect: make an empty directory this store's replica), `bye`. The
-//! receiver's refusals come back as errors of their class.
+//! became), `bind` (protect: make an empty directory this store's replica), `bye`; and a
+//! planned failover's session (`planned`: `promote`, `index`). The receiver's refusals
+//! come back as errors of their class.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::progress::Progress;
-use crate::model::{Manifest, PointRef, Target};
+use crate::model::{FileId, Manifest, PointRef, Target};
 use crate::ship::sender::{Shipper, Stats, planned};
 use crate::ship::{Source, refused, wire_err};
 use crate::transport::{self, Link};
-use crate::wire::{Msg, Reader, Writer};
+use crate::wire::{BlockHash, Frame, Hashes, Msg, Reader, Reverse, Writer};
 
 /// Who ships.
 pub struct Hello<'a> {
@@ -32,6 +33,8 @@ pub struct Welcome {
     /// The store it replicates.
     pub source: Option<String>,
     pub latest: Option<PointRef>,
+    /// The point a planned failover of this store promoted it at.
+    pub promoted: Option<String>,
 }
 
 /// A cycle: the generation it makes, the one it builds on.
@@ -57,12 +60,23 @@ pub fn hello<W: Write, R: Read>(
     h: &Hello<'_>,
     init: bool,
 ) -> Result<Welcome> {
+    greet(w, r, h, init, false)
+}
+
+fn greet<W: Write, R: Read>(
+    w: &mut Writer<W>,
+    r: &mut Reader<R>,
+    h: &Hello<'_>,
+    init: bool,
+    planned: bool,
+) -> Result<Welcome> {
     w.msg(&Msg::Hello {
         store_id: h.store_id.to_string(),
         block_size: h.block_size,
         init,
         keep: h.keep.to_string(),
         seed: h.seed,
+        planned,
     })
     .map_err(wire_err)?;
     match r.msg().map_err(wire_err)? {
@@ -70,10 +84,12 @@ pub fn hello<W: Write, R: Read>(
             replica_id,
             source,
             latest,
+            promoted,
         } => Ok(Welcome {
             replica_id,
             source,
             latest,
+            promoted,
         }),
         Msg::Error {
             message,
@@ -175,4 +191,77 @@ pub fn bind(target: &Target, o: &transport::Options, h: &Hello<'_>) -> Result<St
         }
         Err(e) => Err(link.fail(e)),
     }
+}
+
+/// Opens a planned failover's session with the replica at `target`: no cycle, only
+/// `promote` and `index`. Refused by a receiver too old for it.
+pub fn planned_session(
+    target: &Target,
+    o: &transport::Options,
+    h: &Hello<'_>,
+) -> Result<(Link, Welcome)> {
+    let mut link = transport::connect(target, o)?;
+    if link.version() < crate::wire::FAILOVER_VERSION {
+        let e = Error::operator(format!(
+            "the receiver at {target} speaks protocol {}; a planned failover over the link needs {}: update drfs there",
+            link.version(),
+            crate::wire::FAILOVER_VERSION
+        ));
+        return Err(link.fail(e));
+    }
+    match greet(&mut link.w, &mut link.r, h, false, true) {
+        Ok(w) => Ok((link, w)),
+        Err(e) => Err(link.fail(e)),
+    }
+}
+
+/// Promotes the replica of a planned session at `point`: the point and its manifest.
+pub fn promote(link: &mut Link, point: &str, reverse: Reverse) -> Result<(PointRef, Manifest)> {
+    link.w
+        .msg(&Msg::Promote {
+            point: point.to_string(),
+            reverse: Box::new(reverse),
+        })
+        .map_err(wire_err)?;
+    match link.r.msg().map_err(wire_err)? {
+        Msg::Promoted { point, manifest } => Ok((point, *manifest)),
+        Msg::Error {
+            message,
+            recoverable,
+        } => Err(refused(message, recoverable)),
+        m => Err(unexpected("to the promotion", &m)),
+    }
+}
+
+/// The replica's kept BLAKE3 entries of file `id`'s blocks `0..blocks`, in requests of
+/// up to 65 536 blocks.
+pub fn index(link: &mut Link, id: FileId, blocks: u64) -> Result<Vec<BlockHash>> {
+    const STEP: u64 = 1 << 16;
+    let mut out = Vec::with_capacity(blocks.min(1 << 24) as usize);
+    let mut first = 0;
+    while first < blocks {
+        let count = (blocks - first).min(STEP);
+        link.w
+            .msg(&Msg::IndexRequest { id, first, count })
+            .map_err(wire_err)?;
+        match link.r.read_frame().map_err(wire_err)? {
+            Frame::Hashes(Hashes {
+                id: got,
+                first: at,
+                hashes,
+            }) if got == id && at == first && hashes.len() as u64 == count => out.extend(hashes),
+            Frame::Msg(Msg::Error {
+                message,
+                recoverable,
+            }) => return Err(refused(message, recoverable)),
+            f => {
+                return Err(Error::Link(format!(
+                    "unexpected answer to an index request: {} (for file {id} at block {first})",
+                    crate::wire::frame_name(&f)
+                )));
+            }
+        }
+        first += count;
+    }
+    Ok(out)
 }

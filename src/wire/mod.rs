@@ -26,14 +26,18 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{FileId, Manifest, PointRef, RelPath};
+use crate::model::settings::{BwLimit, Compress};
+use crate::model::{FileId, Group, Interval, Manifest, PointRef, RelPath};
 
 pub const MAGIC: &[u8; 8] = b"DRFSWIRE";
 /// The newest protocol version this drfs speaks: 2 adds the codec byte (compression), 3
-/// the `Partial` frame (a block's changed pieces).
-pub const VERSION: u32 = 3;
+/// the `Partial` frame (a block's changed pieces), 4 a planned failover over the stream
+/// (`Promote`, `IndexRequest`).
+pub const VERSION: u32 = 4;
 /// The first version with `Partial` frames.
 pub const PARTIAL_VERSION: u32 = 3;
+/// The first version a planned failover can run over.
+pub const FAILOVER_VERSION: u32 = 4;
 /// The grain of a `Partial` frame.
 pub const PIECE: usize = 4096;
 /// The oldest protocol version this drfs speaks.
@@ -88,12 +92,19 @@ pub enum Msg {
         /// files a seed copy (`drfs protect --seed`). Absent from older senders.
         #[serde(default)]
         seed: bool,
+        /// A planned failover: a replica this store's planned failover already promoted
+        /// binds too (to finish the command), for `Promote` and `IndexRequest` only.
+        #[serde(default)]
+        planned: bool,
     },
     /// Receiver: what it holds.
     Welcome {
         replica_id: String,
         source: Option<String>,
         latest: Option<PointRef>,
+        /// The point a planned failover of this sender promoted the replica at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        promoted: Option<String>,
     },
     /// Sender: a cycle begins; its base must be the replica's latest.
     Begin {
@@ -111,6 +122,22 @@ pub enum Msg {
         first: u64,
         count: u64,
     },
+    /// Sender, in a planned session (`FAILOVER_VERSION`): everything is shipped and
+    /// `point` is this store's state; the replica becomes the primary and replicates
+    /// back as `reverse` says (done again, it only rewrites `reverse`).
+    Promote {
+        point: String,
+        reverse: Box<Reverse>,
+    },
+    /// Receiver: promoted at `point`, whose manifest the old primary adopts.
+    Promoted {
+        point: PointRef,
+        manifest: Box<Manifest>,
+    },
+    /// Sender: the BLAKE3 entries the replica keeps for blocks `first..first+count` of
+    /// file `id` of its latest point (its hash index, not its files), answered by
+    /// `Hashes`: what a demoted primary's index starts from.
+    IndexRequest { id: FileId, first: u64, count: u64 },
     /// Sender: the cycle's data is complete; apply it as this point.
     Commit { manifest: Box<Manifest> },
     /// Receiver: the point is applied.
@@ -119,6 +146,26 @@ pub enum Msg {
     Error { message: String, recoverable: bool },
     /// Sender: nothing more.
     Bye,
+}
+
+/// How a promoted replica replicates back to the primary it replaces. Only settings: a
+/// command to run (an ssh client, hooks) never travels, so a key that may only ship
+/// cannot make the replica's host run anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reverse {
+    /// How the replica's host reaches the old primary: an `ssh://` URL.
+    pub target: String,
+    /// The old primary's id (its replica id from now on).
+    pub replica_id: String,
+    pub interval: Interval,
+    pub keep: String,
+    pub group: Group,
+    #[serde(default)]
+    pub expect_every: Option<Interval>,
+    #[serde(default)]
+    pub compress: Option<Compress>,
+    #[serde(default)]
+    pub bwlimit: Option<BwLimit>,
 }
 
 /// A block on the wire.
@@ -406,7 +453,7 @@ impl<R: Read> Reader<R> {
     }
 }
 
-fn frame_name(f: &Frame) -> &'static str {
+pub fn frame_name(f: &Frame) -> &'static str {
     match f {
         Frame::Msg(_) => "a message",
         Frame::Block(_) => "a block",

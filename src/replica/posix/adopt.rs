@@ -12,12 +12,13 @@
 
 use std::fs;
 
-use crate::error::{At, Result};
+use crate::error::{At, Error, Result};
 use crate::model::manifest::point_id;
-use crate::model::{Kind, Manifest, PointInfo};
+use crate::model::{FileId, Kind, Manifest, PointInfo, RelPath};
 use crate::replica::posix::{Replica, hashes, pieces, publish_point};
 use crate::state::StateDir;
 use crate::sys;
+use crate::wire::BlockHash;
 
 /// Where the latest files' hash index comes from.
 pub enum Index<'a> {
@@ -25,11 +26,14 @@ pub enum Index<'a> {
     CopyFrom(&'a Replica),
     /// Read every block of the files.
     Compute,
+    /// Asked of a replica on another host whose latest files are byte for byte these:
+    /// the BLAKE3 entries of a file's blocks `0..n` (a planned failover over a link).
+    Fetch(&'a mut dyn FnMut(FileId, u64) -> Result<Vec<BlockHash>>),
 }
 
 /// Writes, in `sd`'s state directory, point `m` (the files as they are) as the latest
 /// point, and the hash index of its files.
-pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo> {
+pub fn adopt(sd: &StateDir, m: &Manifest, mut index: Index<'_>) -> Result<PointInfo> {
     let hdir = sd.path("hashes");
     if hdir.exists() {
         fs::remove_dir_all(&hdir).at(&hdir)?;
@@ -38,7 +42,7 @@ pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo>
     for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
         let Some(id) = e.id else { continue };
         let dst = hashes::path(&hdir, id);
-        match &index {
+        match &mut index {
             Index::CopyFrom(r) => {
                 let src = r.hash_file(id);
                 if !src.exists() {
@@ -54,6 +58,10 @@ pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo>
                 let abs = e.path.under(sd.store());
                 let f = fs::File::open(&abs).at(&abs)?;
                 hashes::compute(&f, e.size, m.block_size, &dst)?;
+            }
+            Index::Fetch(fetch) => {
+                let blocks = e.size.div_ceil(m.block_size);
+                write_index(&dst, &fetch(id, blocks)?, &e.path)?;
             }
         }
     }
@@ -73,8 +81,26 @@ pub fn adopt(sd: &StateDir, m: &Manifest, index: Index<'_>) -> Result<PointInfo>
     Ok(info)
 }
 
+/// Writes a hash index from the entries of a file's blocks, in order.
+fn write_index(dst: &std::path::Path, entries: &[BlockHash], path: &RelPath) -> Result<()> {
+    let h = hashes::Hashes::open(dst)?;
+    h.set_blocks(entries.len() as u64)?;
+    for (b, e) in entries.iter().enumerate() {
+        match e {
+            BlockHash::Data(x) => h.set(b as u64, x)?,
+            BlockHash::Zero => {}
+            BlockHash::Absent => {
+                return Err(Error::operator(format!(
+                    "the replica keeps no BLAKE3 of block {b} of {path}: its index is short of its manifest"
+                )));
+            }
+        }
+    }
+    h.sync()
+}
+
 /// A manifest's file entries grouped by id: (id, its paths).
-pub fn files_of(m: &Manifest) -> Vec<(crate::model::FileId, Vec<crate::model::RelPath>)> {
+pub fn files_of(m: &Manifest) -> Vec<(FileId, Vec<RelPath>)> {
     let mut by: std::collections::BTreeMap<_, Vec<_>> = Default::default();
     for e in m.entries.iter().filter(|e| e.kind == Kind::File) {
         if let Some(id) = e.id {

@@ -83,6 +83,11 @@ impl Hashes {
         Ok(())
     }
 
+    /// How many blocks the index covers.
+    pub fn blocks(&self) -> Result<u64> {
+        Ok(self.f.metadata().at(&self.p)?.len() / ENTRY)
+    }
+
     /// Sizes the index for a file of `blocks` blocks.
     pub fn set_blocks(&self, blocks: u64) -> Result<()> {
         self.f.set_len(blocks * ENTRY).at(&self.p)

@@ -11,7 +11,7 @@ use crate::model::retention::Policy;
 use crate::model::{Entry, FileId, Manifest, PointInfo, RelPath};
 use crate::replica::posix::incoming::Incoming;
 use crate::replica::posix::read::{self, PointFile};
-use crate::replica::posix::{Replica, apply, partial};
+use crate::replica::posix::{Replica, apply, hashes, partial};
 use crate::replica::{Binding, PointRead, PointStore, ReplicaStore};
 use crate::state::StateDir;
 use crate::sys;
@@ -74,7 +74,14 @@ impl Receiving {
         } else {
             Replica::open(root)?
         };
-        r.refuse_if_promoted()?;
+        let by_planned = r
+            .cfg
+            .promoted
+            .as_ref()
+            .is_some_and(|p| p.planned && p.from == store_id);
+        if !(b.planned && by_planned) {
+            r.refuse_if_promoted()?;
+        }
         if init && r.cfg.keep.as_deref() != Some(keep) && r.cfg.source.as_deref() == Some(store_id)
         {
             let mut cfg = r.cfg.clone();
@@ -122,6 +129,10 @@ impl ReplicaStore for Receiving {
 
     fn source(&self) -> Option<&str> {
         self.replica.cfg.source.as_deref()
+    }
+
+    fn promoted(&self) -> Option<&str> {
+        self.replica.cfg.promoted.as_ref().map(|p| p.point.as_str())
     }
 
     fn block_size(&self) -> u64 {
@@ -192,6 +203,25 @@ impl ReplicaStore for Receiving {
             });
         }
         Ok(out)
+    }
+
+    fn index(&mut self, id: FileId, first: u64, count: u64) -> Result<Vec<BlockHash>> {
+        let p = self.replica.hash_file(id);
+        if !p.exists() {
+            return Ok(vec![BlockHash::Absent; count as usize]);
+        }
+        let h = hashes::Hashes::open_ro(&p)?;
+        let blocks = h.blocks()?;
+        let mut buf = vec![0u8; 32 * count as usize];
+        h.read_entries(first, &mut buf)?;
+        Ok((first..first + count)
+            .zip(buf.chunks_exact(32))
+            .map(|(b, e)| match e.try_into() {
+                _ if b >= blocks => BlockHash::Absent,
+                Ok(e) if e != hashes::ZERO => BlockHash::Data(e),
+                _ => BlockHash::Zero,
+            })
+            .collect())
     }
 
     fn commit(&mut self, m: Manifest) -> Result<PointInfo> {
