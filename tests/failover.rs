@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use common::rep::{Rep, same_tree, same_tree_excluding_state};
+use common::rep::{Rep, diverged_point, same_tree, same_tree_excluding_state};
 use common::*;
 
 const M: u64 = 1 << 20;
@@ -498,14 +498,9 @@ fn reprotect_sends_only_differing_blocks_and_keeps_the_diverged_writes() {
     assert!(sent <= differing + 4 * G / 100, "sent {sent}");
     same_tree_excluding_state(&r.replica, &f.store, "the old primary after reprotect");
     // What it held is a point tagged diverged, readable through browse.
-    let pts = points_json(&f.store);
-    let d = pts
-        .iter()
-        .find(|p| p["diverged"] == true)
-        .unwrap_or_else(|| panic!("no diverged point: {pts:?}"));
     let br = f.mountpoint("browse");
     ok(drfs().arg("browse").arg(&f.store).arg(&br));
-    let at = br.join("points").join(d["id"].as_str().unwrap());
+    let at = br.join("points").join(diverged_point(&f.store));
     same_tree(&r.snaps.join("diverged"), &at, "the diverged point");
     ok(drfs().arg("unmount").arg(&br));
     // Onto a directory that is not the old primary: refused.

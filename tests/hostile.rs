@@ -268,6 +268,7 @@ fn begun(out: &mut Vec<u8>, base: u64, seed: bool) -> Writer<&mut Vec<u8>> {
         keep: "all:1h".into(),
         seed,
         planned: false,
+        reprotect: None,
     })
     .unwrap();
     w.msg(&Msg::Begin {
@@ -392,6 +393,7 @@ fn compressed_streams_apply_and_corrupt_frames_or_bombs_are_refused() {
             keep: "all:1h".into(),
             seed: true,
             planned: false,
+            reprotect: None,
         })
         .unwrap();
         w.msg(&Msg::Begin {
@@ -461,6 +463,7 @@ fn planned_stream(store: &str, then: &[Msg]) -> Vec<u8> {
         keep: "all:1h".into(),
         seed: false,
         planned: true,
+        reprotect: None,
     })
     .unwrap();
     for m in then {
@@ -517,6 +520,7 @@ fn a_planned_session_promotes_only_for_its_primary_at_its_latest_point() {
             keep: "all:1h".into(),
             seed: false,
             planned: false,
+            reprotect: None,
         })
         .unwrap();
         w.msg(&promote(&latest, back)).unwrap();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::rep::{same_tree, same_tree_excluding_state};
+use common::rep::{diverged_point, same_tree, same_tree_excluding_state};
 use common::*;
 
 /// A running sshd and the keys around it.
@@ -61,7 +61,7 @@ impl Sshd {
         keygen(&dir.join("wrong"));
         // For the way back after a failover: the old primary's store is under `root`.
         let wide = keygen(&dir.join("wide"));
-        // A receiver that dies once it has promoted its replica (a planned failover).
+        // A receiver (anywhere under `root`) that dies at the fault named in `dir/fault`.
         let dies = keygen(&dir.join("dies"));
         let restricted = format!("{BIN} receive --restrict-to {}", replicas.display());
         let keys = format!(
@@ -69,8 +69,9 @@ impl Sshd {
              command=\"PATH=/nonexistent; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\",restrict {nobin}\n\
              command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n\
              command=\"{BIN} receive --restrict-to {root}\",restrict {wide}\n\
-             command=\"DRFS_FAULT=planned:promoted-there exec {restricted}\",restrict {dies}\n",
-            root = root.display()
+             command=\"DRFS_FAULT=$(cat {d}/fault) exec {BIN} receive --restrict-to {root}\",restrict {dies}\n",
+            root = root.display(),
+            d = dir.display()
         );
         std::fs::write(dir.join("authorized_keys"), keys).unwrap();
         let port = free_port();
@@ -137,6 +138,11 @@ impl Sshd {
             "ssh -F /dev/null -i {d}/{key} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={d}/{known_hosts} -o GlobalKnownHostsFile=/dev/null",
             d = self.dir.display()
         )
+    }
+
+    /// Where the `dies` key's receiver kills itself.
+    fn fault(&self, at: &str) {
+        std::fs::write(self.dir.join("fault"), at).unwrap();
     }
 
     fn target(&self, path: &Path) -> String {
@@ -279,13 +285,6 @@ fn a_store_replicates_to_another_host_over_ssh() {
         assert_eq!(code(&out), 64, "{args:?}: {out:?}");
         fails(out, "is on another host: run this on 127.0.0.1 with");
     }
-    let store = f.store.to_string_lossy().into_owned();
-    let out = drfs()
-        .args(["reprotect", &store, "--to", &t])
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 64, "{out:?}");
-    fails(out, "is not supported yet: run it where both are local");
     f.unmount();
 }
 
@@ -1084,6 +1083,7 @@ fn a_planned_failover_over_ssh_killed_at_any_step_completes_when_run_again() {
         let mut cmd = drfs();
         cmd.args(args);
         if fault == "planned:promoted-there" {
+            sshd.fault(fault);
             cmd.env("DRFS_SSH_COMMAND", sshd.client("dies", "known_hosts"));
         } else {
             cmd.env("DRFS_FAULT", fault);
@@ -1112,5 +1112,150 @@ fn a_planned_failover_over_ssh_killed_at_any_step_completes_when_run_again() {
         ok(drfs().arg("ship").arg(&replica));
         ok(drfs().arg("unmount").arg(&mnt2));
         same_tree_excluding_state(&replica, &f.store, fault);
+    }
+}
+
+/// A store protected over ssh whose primary diverged after its last cycle (4 MiB
+/// rewritten, a file created, one deleted; a copy of it as it was then in `snap`), then
+/// failed over unplanned to its replica, whose new primary wrote 2 MiB: the replica
+/// and the bytes that differ between the two sides.
+fn diverged_over_ssh(f: &Fixture, sshd: &Sshd, snap: &Path) -> (PathBuf, u64) {
+    let replica = sshd.replicas.join("vm");
+    std::fs::create_dir(&replica).unwrap();
+    f.mount(&[]);
+    sh(&format!(
+        "truncate -s 256M {m}/disk.img && echo shipped > {m}/a.txt",
+        m = f.mnt.display()
+    ));
+    write_blocks(&f.m("disk.img"), 0, 256);
+    let out = protect(
+        &f.store,
+        &sshd.target(&replica),
+        &sshd.client("id", "known_hosts"),
+    );
+    assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
+    ok(drfs().arg("ship").arg(&f.store));
+    // Never shipped: the disaster takes these (over blocks the replica holds, so the
+    // new primary's must travel back).
+    write_blocks(&f.m("disk.img"), 100, 64);
+    std::fs::write(f.m("new.txt"), b"written after the last cycle\n").unwrap();
+    std::fs::remove_file(f.m("a.txt")).unwrap();
+    std::fs::create_dir_all(snap).unwrap();
+    sh(&format!(
+        "cd {} && tar --sparse --exclude=./.drfs -cf - . | tar -C {} -xpf -",
+        f.store.display(),
+        snap.display()
+    ));
+    f.unmount();
+    ok(drfs().arg("failover").arg(&replica));
+    let mnt2 = f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(&replica).arg(&mnt2));
+    write_blocks(&mnt2.join("disk.img"), 3200, 32);
+    ok(drfs().arg("unmount").arg(&mnt2));
+    (replica, (64 + 32 + 1) * 65536)
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_reprotect_over_ssh_sends_only_differing_blocks_and_keeps_the_diverged_writes() {
+    let f = Fixture::new("ssh-reprotect");
+    let sshd = Sshd::start(&f.root);
+    let snap = f.root.join("snap-diverged");
+    let (replica, differing) = diverged_over_ssh(&f, &sshd, &snap);
+    let wide = sshd.client("wide", "known_hosts");
+    let old = sshd.target(&f.store);
+
+    // Onto a directory of that host that is not the old primary: refused, one line.
+    let other = f.root.join("other");
+    std::fs::create_dir(&other).unwrap();
+    let out = drfs()
+        .args([os("reprotect"), replica.as_os_str(), os("--to")])
+        .arg(sshd.target(&other))
+        .args(["--ssh-command", &wide])
+        .output()
+        .unwrap();
+    // Refused by the far side, which cannot tell a usage error from another.
+    assert_eq!(code(&out), 2, "{out:?}");
+    fails(out, "is not a drfs store");
+    assert!(std::fs::read_dir(&other).unwrap().next().is_none());
+
+    let out = ok(drfs()
+        .args([os("reprotect"), replica.as_os_str(), os("--to"), os(&old)])
+        .args(["--ssh-command", &wide]));
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let sent = last_cycle_bytes(&replica);
+    let disk = 256 << 20;
+    println!(
+        "reprotect over ssh sent {sent} bytes; differing {differing}; disk {disk} (1 %: {})",
+        disk / 100
+    );
+    assert!(sent <= differing + disk / 100, "sent {sent}");
+    assert_eq!(role(&f.store).0, "replica");
+    same_tree_excluding_state(&replica, &f.store, "the old primary after reprotect");
+    // What it held is a point tagged diverged, on its side, readable through browse.
+    let br = f.mountpoint("browse");
+    ok(drfs().arg("browse").arg(&f.store).arg(&br));
+    let at = br.join("points").join(diverged_point(&f.store));
+    same_tree(&snap, &at, "the diverged point");
+    release(&br);
+    // The wrong direction: the old primary was not promoted.
+    let out = drfs()
+        .args([os("reprotect"), f.store.as_os_str(), os("--to")])
+        .arg(sshd.target(&replica))
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64, "{out:?}");
+    fails(out, "was not promoted by a failover");
+    // Cycles go on, over ssh, to the old primary.
+    let mnt2 = f.mountpoint("mnt3");
+    ok(drfs().arg("mount").arg(&replica).arg(&mnt2));
+    write_blocks(&mnt2.join("disk.img"), 10, 1);
+    ok(drfs().arg("ship").arg(&replica));
+    ok(drfs().arg("unmount").arg(&mnt2));
+    same_tree_excluding_state(&replica, &f.store, "after a cycle");
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE: needs root (see README)")]
+fn a_reprotect_over_ssh_killed_at_any_step_completes_when_run_again() {
+    // Receiver faults through the `dies` key; the sender's with DRFS_FAULT.
+    for (fault, there) in [
+        ("reprotect:adopted", true),
+        ("reprotect:demoted", false),
+        ("reprotect:protected", false),
+        ("apply:undo", true),
+    ] {
+        let f = Fixture::new("ssh-reprotectkill");
+        let sshd = Sshd::start(&f.root);
+        let snap = f.root.join("snap-diverged");
+        let (replica, _) = diverged_over_ssh(&f, &sshd, &snap);
+        let old = sshd.target(&f.store);
+        let run = |key: &str| {
+            let mut c = drfs();
+            c.args([os("reprotect"), replica.as_os_str(), os("--to"), os(&old)])
+                .args(["--ssh-command", &sshd.client(key, "known_hosts")]);
+            c
+        };
+        let mut cmd = run(if there { "dies" } else { "wide" });
+        if there {
+            sshd.fault(fault);
+        } else {
+            cmd.env("DRFS_FAULT", fault);
+        }
+        let out = cmd.output().unwrap();
+        // A receiver killed mid-cycle is the first cycle failing, not the command.
+        assert!(
+            !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("now:"),
+            "{fault}: did not stop: {out:?}"
+        );
+        let out = ok(&mut run("wide"));
+        println!("{fault}: {}", String::from_utf8_lossy(&out.stdout).trim());
+        assert_eq!(role(&f.store).0, "replica", "{fault}");
+        same_tree_excluding_state(&replica, &f.store, fault);
+        let br = f.mountpoint("browse");
+        ok(drfs().arg("browse").arg(&f.store).arg(&br));
+        let at = br.join("points").join(diverged_point(&f.store));
+        same_tree(&snap, &at, fault);
+        release(&br);
     }
 }

@@ -270,15 +270,19 @@ pub enum Cmd {
     Reprotect {
         /// The store a failover promoted (the new primary).
         store: PathBuf,
-        /// The old primary (unmounted).
+        /// The old primary (unmounted): a directory, or `ssh://[user@]host[:port]/path`.
         #[arg(long)]
         to: PathBuf,
-        /// Time between cycles; default: the old primary's.
+        /// Time between cycles; default: the old primary's (over ssh: 30s).
         #[arg(long)]
         interval: Option<String>,
-        /// Retention policy; default: the old primary's.
+        /// Retention policy; default: the old primary's (over ssh: the one this store
+        /// kept as the replica).
         #[arg(long)]
         keep: Option<String>,
+        /// For an ssh:// old primary: the ssh client command, kept in the settings.
+        #[arg(long, value_name = "COMMAND")]
+        ssh_command: Option<String>,
     },
     /// Health and state of a store or a replica.
     Status {

@@ -247,7 +247,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             to,
             interval,
             keep,
-        } => reprotect(&store, &to, interval.as_deref(), keep.as_deref()),
+            ssh_command,
+        } => reprotect(
+            &store,
+            &ops::reprotect::Reprotect {
+                to: &to.to_string_lossy(),
+                interval: interval.as_deref(),
+                keep: keep.as_deref(),
+                ssh_command: ssh_command.as_deref(),
+            },
+        ),
         Cmd::Restore {
             replica,
             point,
@@ -459,20 +468,11 @@ fn failover(
     Ok(0)
 }
 
-fn reprotect(store: &Path, to: &Path, interval: Option<&str>, keep: Option<&str>) -> Result<i32> {
-    let to = to.to_string_lossy();
-    let r = ops::reprotect::reprotect(
-        store,
-        &ops::reprotect::Reprotect {
-            to: &to,
-            interval,
-            keep,
-        },
-    )?;
+fn reprotect(store: &Path, p: &ops::reprotect::Reprotect<'_>) -> Result<i32> {
+    let r = ops::reprotect::reprotect(store, p)?;
     println!(
         "{}: what it held is kept as point {} (diverged)",
-        r.old.display(),
-        r.diverged.id
+        r.old, r.diverged
     );
     if r.cycle.code != 0 {
         println!(
@@ -485,7 +485,7 @@ fn reprotect(store: &Path, to: &Path, interval: Option<&str>, keep: Option<&str>
     println!(
         "{} replicates to {} now: the first cycle sent {} (point {})",
         r.store.display(),
-        r.old.display(),
+        r.old,
         crate::model::fmt::human(r.cycle.bytes),
         r.cycle.point.as_deref().unwrap_or("-")
     );

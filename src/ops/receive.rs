@@ -15,9 +15,11 @@ pub fn receive(replica: &Path) -> Result<()> {
     unsafe { libc::umask(0o077) };
     let stdin = std::io::stdin();
     let stdout = std::io::stdout().lock();
-    let promote: crate::replica::receive::Promoter<'_> =
-        &crate::ops::failover::remote::promote_planned;
-    let r = crate::replica::receive::serve(replica, stdin, stdout, Some(promote));
+    let roles = crate::replica::receive::Roles {
+        promote: &crate::ops::failover::remote::promote_planned,
+        demote: &crate::ops::reprotect::demote_here,
+    };
+    let r = crate::replica::receive::serve(replica, stdin, stdout, Some(&roles));
     if let Ok(rep) = crate::replica::posix::Replica::open_only(replica) {
         if let Ok(s) = crate::obs::status::replica(&rep) {
             crate::obs::watch::health(&rep.sd, s.health, &s.reasons);

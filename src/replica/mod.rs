@@ -83,6 +83,9 @@ pub struct Binding<'a> {
     pub seed: bool,
     /// A planned failover: a replica this store's planned failover promoted binds too.
     pub planned: bool,
+    /// A reprotect: the directory is the primary with this id, which a failover of this
+    /// store replaced; it is made this store's replica first.
+    pub reprotect: Option<&'a str>,
 }
 
 /// What a receive session writes to: one replica, bound to one store.

@@ -46,21 +46,37 @@ fn lock(root: &Path) -> Result<File> {
 /// owns roles), with the receive lock held. Returns the point and its manifest.
 pub type Promoter<'a> = &'a dyn Fn(&Path, &str, &str, &Reverse) -> Result<(PointRef, Manifest)>;
 
+/// A reprotect's demotion of the primary at a path (the store with the id a failover
+/// replaced) into a replica of the store with the other id, keeping what it holds as a
+/// `diverged` point: done above this layer (`ops::reprotect`), with the receive lock held.
+pub type Demoter<'a> = &'a dyn Fn(&Path, &str, &str) -> Result<()>;
+
+/// What a receiver may be asked to do to roles, done by the layer that owns them.
+pub struct Roles<'a> {
+    pub promote: Promoter<'a>,
+    pub demote: Demoter<'a>,
+}
+
 /// Serves one sender for the POSIX replica at `root` until it says goodbye. An error is
-/// also sent to the sender. Without a `promoter`, a planned failover is refused.
+/// also sent to the sender. Without `roles`, a planned failover and a reprotect are
+/// refused.
 pub fn serve(
     root: &Path,
     input: impl Read + Send + 'static,
     output: impl Write,
-    promoter: Option<Promoter<'_>>,
+    roles: Option<&Roles<'_>>,
 ) -> Result<()> {
     let _lock = lock(root);
-    serve_store(
-        |b: &Binding<'_>| Receiving::bind(root, b),
-        input,
-        output,
-        promoter,
-    )
+    let bind = |b: &Binding<'_>| {
+        if let Some(old) = b.reprotect {
+            let Some(r) = roles else {
+                return refuse("this receiver cannot be reprotected", false);
+            };
+            (r.demote)(root, old, b.store_id)?;
+        }
+        Receiving::bind(root, b)
+    };
+    serve_store(bind, input, output, roles.map(|r| r.promote))
 }
 
 /// What binds a stream to its store.
@@ -136,6 +152,7 @@ impl<R: Read, W: Write> Session<'_, R, W> {
             keep,
             seed,
             planned,
+            reprotect,
         } = self.r.msg()?
         else {
             return refuse("the stream did not start with a hello", true);
@@ -150,6 +167,7 @@ impl<R: Read, W: Write> Session<'_, R, W> {
             keep: &keep,
             seed,
             planned,
+            reprotect: reprotect.as_deref(),
         })?;
         check_binding(&store, &store_id, block_size)?;
         let latest = store.latest()?;

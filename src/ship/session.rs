@@ -60,7 +60,14 @@ pub fn hello<W: Write, R: Read>(
     h: &Hello<'_>,
     init: bool,
 ) -> Result<Welcome> {
-    greet(w, r, h, init, false)
+    greet(w, r, h, init, Special::None)
+}
+
+/// A session that ships no cycle, or a hello that changes the receiver's role first.
+enum Special<'a> {
+    None,
+    Planned,
+    Reprotect(&'a str),
 }
 
 fn greet<W: Write, R: Read>(
@@ -68,7 +75,7 @@ fn greet<W: Write, R: Read>(
     r: &mut Reader<R>,
     h: &Hello<'_>,
     init: bool,
-    planned: bool,
+    special: Special<'_>,
 ) -> Result<Welcome> {
     w.msg(&Msg::Hello {
         store_id: h.store_id.to_string(),
@@ -76,7 +83,11 @@ fn greet<W: Write, R: Read>(
         init,
         keep: h.keep.to_string(),
         seed: h.seed,
-        planned,
+        planned: matches!(special, Special::Planned),
+        reprotect: match special {
+            Special::Reprotect(old) => Some(old.to_string()),
+            _ => None,
+        },
     })
     .map_err(wire_err)?;
     match r.msg().map_err(wire_err)? {
@@ -200,16 +211,39 @@ pub fn planned_session(
     o: &transport::Options,
     h: &Hello<'_>,
 ) -> Result<(Link, Welcome)> {
+    special_session(target, o, h, Special::Planned, "a planned failover")
+}
+
+/// Makes the old primary at `target` (the store with id `old`) this store's replica,
+/// keeping what it holds as a `diverged` point there (a reprotect): what it holds then.
+pub fn reprotect(
+    target: &Target,
+    o: &transport::Options,
+    h: &Hello<'_>,
+    old: &str,
+) -> Result<Welcome> {
+    let (link, w) = special_session(target, o, h, Special::Reprotect(old), "a reprotect")?;
+    bye(link);
+    Ok(w)
+}
+
+fn special_session(
+    target: &Target,
+    o: &transport::Options,
+    h: &Hello<'_>,
+    special: Special<'_>,
+    what: &str,
+) -> Result<(Link, Welcome)> {
     let mut link = transport::connect(target, o)?;
     if link.version() < crate::wire::FAILOVER_VERSION {
         let e = Error::operator(format!(
-            "the receiver at {target} speaks protocol {}; a planned failover over the link needs {}: update drfs there",
+            "the receiver at {target} speaks protocol {}; {what} over the link needs {}: update drfs there",
             link.version(),
             crate::wire::FAILOVER_VERSION
         ));
         return Err(link.fail(e));
     }
-    match greet(&mut link.w, &mut link.r, h, false, true) {
+    match greet(&mut link.w, &mut link.r, h, false, special) {
         Ok(w) => Ok((link, w)),
         Err(e) => Err(link.fail(e)),
     }

@@ -31,12 +31,12 @@ use crate::model::{FileId, Group, Interval, Manifest, PointRef, RelPath};
 
 pub const MAGIC: &[u8; 8] = b"DRFSWIRE";
 /// The newest protocol version this drfs speaks: 2 adds the codec byte (compression), 3
-/// the `Partial` frame (a block's changed pieces), 4 a planned failover over the stream
-/// (`Promote`, `IndexRequest`).
+/// the `Partial` frame (a block's changed pieces), 4 a planned failover and a reprotect
+/// over the stream (`Promote`, `IndexRequest`, a hello's `reprotect`).
 pub const VERSION: u32 = 4;
 /// The first version with `Partial` frames.
 pub const PARTIAL_VERSION: u32 = 3;
-/// The first version a planned failover can run over.
+/// The first version a planned failover or a reprotect can run over.
 pub const FAILOVER_VERSION: u32 = 4;
 /// The grain of a `Partial` frame.
 pub const PIECE: usize = 4096;
@@ -96,6 +96,11 @@ pub enum Msg {
         /// binds too (to finish the command), for `Promote` and `IndexRequest` only.
         #[serde(default)]
         planned: bool,
+        /// A reprotect (`FAILOVER_VERSION`): the receiver's directory is the primary with
+        /// this id that a failover of this sender replaced; it becomes this sender's
+        /// replica first, keeping what it holds as a `diverged` point.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reprotect: Option<String>,
     },
     /// Receiver: what it holds.
     Welcome {

@@ -188,3 +188,15 @@ pub fn random_pieces(size: u64, n: usize, seed: u64) -> Vec<u64> {
     }
     out
 }
+
+/// The id of the newest point of `replica` tagged diverged (`drfs points --json`).
+pub fn diverged_point(replica: &Path) -> String {
+    let out = ok(drfs().arg("points").arg(replica).arg("--json"));
+    let pts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    pts.iter()
+        .rev()
+        .find(|p| p["diverged"] == true)
+        .and_then(|p| p["id"].as_str())
+        .unwrap_or_else(|| panic!("no diverged point in {}: {pts:?}", replica.display()))
+        .to_string()
+}
