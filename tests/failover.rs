@@ -888,3 +888,55 @@ fn extended_replication_ships_points_onward_and_fails_over_at_the_third_site() {
     same_tree_excluding_state(&r.snaps.join(&p3), &third, "C after its failover");
     f.unmount();
 }
+
+/// The page cache's clean pages dropped: the next reads of a FUSE file reach its daemon.
+fn drop_caches() {
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
+#[test]
+#[cfg_attr(not(drfs_root), ignore = "mounts FUSE filesystems: run as root")]
+fn points_of_a_promoted_store_read_what_they_held_while_its_vms_write() {
+    use std::os::unix::fs::FileExt;
+    let (r, [_, _, p3]) = three_points("livebrowse");
+    // A browse of the replica, with a file of its newest point held open across the
+    // failover (its blocks checked and remembered as the latest file's).
+    let br = r.f.mountpoint("browse");
+    ok(drfs().arg("browse").arg(&r.replica).arg(&br));
+    let point = br.join("points").join(&p3);
+    let held = fs::File::open(point.join("disk.raw")).unwrap();
+    let mut before = vec![0u8; (8 * M) as usize];
+    held.read_exact_at(&mut before, 0).unwrap();
+    ok(&mut failover(&r.replica, &[]));
+    let mnt2 = r.f.mountpoint("mnt2");
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    random_at(&mnt2.join("disk.raw"), 0, 2 * M);
+    fs::remove_file(mnt2.join("vm/c.txt")).unwrap();
+    drop_caches();
+    // Until the commit, what the point held is read from the copies the mount kept.
+    let mut again = vec![0u8; before.len()];
+    held.read_exact_at(&mut again, 0).unwrap();
+    assert!(again == before, "the held file read the VMs' writes");
+    same_tree(
+        &r.snaps.join(&p3),
+        &point,
+        "the newest point while its VMs write",
+    );
+    // Committed, and the copies gone with the next mount: a block the VMs overwrote
+    // fails with EIO, never reads as their bytes; the others still read.
+    ok(&mut failover(&r.replica, &["--commit"]));
+    ok(drfs().arg("unmount").arg(&mnt2));
+    ok(drfs().arg("mount").arg(&r.replica).arg(&mnt2));
+    ok(drfs().arg("unmount").arg(&mnt2));
+    assert!(!r.replica.join(".drfs/history").exists());
+    drop_caches();
+    let fresh = fs::File::open(point.join("disk.raw")).unwrap();
+    let mut b = vec![0u8; 65536];
+    let e = fresh.read_exact_at(&mut b, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    fresh.read_exact_at(&mut b, 4 * M).unwrap();
+    assert!(b[..] == before[(4 * M) as usize..(4 * M) as usize + 65536]);
+    drop(held);
+    drop(fresh);
+    ok(drfs().arg("unmount").arg(&br));
+}

@@ -349,7 +349,11 @@ fn promote(
     });
     cfg.role = Role::Primary;
     continue_onward(r, latest)?;
-    r.sd.write_config(&cfg)
+    r.sd.write_config(&cfg)?;
+    // Readers of its points (browse, test failover) look its latest files up again, as
+    // live ones: a mount may write them from now on.
+    r.set_applying(true)?;
+    r.set_applying(false)
 }
 
 /// A replica that shipped onward (A → B → C) and is promoted at the point C holds goes

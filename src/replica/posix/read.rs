@@ -40,10 +40,11 @@ use crate::model::FileId;
 use crate::model::PointInfo;
 use crate::model::relpath::RelPath;
 use crate::replica::Bad;
-use crate::replica::posix::Replica;
 use crate::replica::posix::hashes::{ENTRY, Hashes, ZERO, of};
 use crate::replica::posix::pieces::{self, PIECE, Pieces};
 use crate::replica::posix::undo::{UndoFile, UndoIndex, data_path, hash_path};
+use crate::replica::posix::{Replica, diverge};
+use crate::state::Role;
 use crate::sys::aligned::with_scratch;
 use crate::sys::{self, read_full};
 
@@ -66,7 +67,7 @@ impl PointFile {
             _pin: r.pin(&info.id)?,
             seq: r.map_seq(),
             replica: r,
-            state: RwLock::new(Chain::new(e.size.div_ceil(bs))),
+            state: RwLock::new(Chain::new(e.size.div_ceil(bs), bs)),
         };
         pf.refresh()?;
         Ok(pf)
@@ -146,14 +147,22 @@ struct Chain {
     latest_checked: Checked,
     /// The file is not among the latest files (a record holds it whole).
     gone: bool,
+    /// The latest files may change under the reader: the replica was promoted, and a
+    /// mount of it may be writing them. A latest block's check is then never remembered.
+    live: bool,
+    /// A live store's copy of the latest point's blocks its mounts changed
+    /// (`history/<id>.side`, kept until the failover's commit): a latest block that
+    /// fails its check is read from there, and served if that matches.
+    side: Option<File>,
     /// The apply counter when the chain was last brought up to date.
     seq: u64,
-    /// The point's file's blocks (what each `Checked` covers).
+    /// The point's file's blocks (what each `Checked` covers), and their size.
     blocks: u64,
+    bs: u64,
 }
 
 impl Chain {
-    fn new(blocks: u64) -> Chain {
+    fn new(blocks: u64, bs: u64) -> Chain {
         Chain {
             layers: Vec::new(),
             seen: HashMap::new(),
@@ -164,8 +173,11 @@ impl Chain {
             latest_path: None,
             latest_checked: Checked::new(blocks),
             gone: false,
+            live: false,
+            side: None,
             seq: 0,
             blocks,
+            bs,
         }
     }
 
@@ -436,6 +448,12 @@ impl PointFile {
         for (generation, f) in &fresh {
             c.forget_under(*generation, f);
         }
+        // A failover bumps the counter when it promotes: the latest file is looked up
+        // again, as a live one.
+        if !c.live && s0 != c.seq && r.sd.config()?.role == Role::Primary {
+            c.latest = None;
+            c.gone = false;
+        }
         if c.latest.is_none() && !c.gone {
             if s0 % 2 == 1 {
                 return Ok(false);
@@ -485,29 +503,46 @@ impl PointFile {
         self.direct.then(open).and_then(|f| f.ok())
     }
 
-    /// Opens this file among the latest files (by its path in the latest point).
+    /// Opens this file among the latest files (by its path in the latest point). On a
+    /// live store whose history keeps the latest point, a file deleted or replaced since
+    /// is read from its kept link, and the blocks its mounts changed from their copies.
     fn find_latest(&self, c: &mut Chain) -> Result<()> {
         let r = &self.replica;
         c.latest_checked.forget(0, u64::MAX);
+        c.live = r.sd.config()?.role == Role::Primary;
+        c.side = None;
         let Some(l) = r.latest()? else {
             c.gone = true;
             return Ok(());
         };
         let m = r.manifest(&l.id)?;
-        match m.entries.iter().find(|e| e.id == Some(self.id)) {
-            Some(e) => {
-                let p = e.path.under(&r.root);
-                c.latest = Some(r.tree.open_file(&e.path, libc::O_RDONLY, 0).at(&p)?);
+        let Some(e) = m.entries.iter().find(|e| e.id == Some(self.id)) else {
+            c.gone = true;
+            return Ok(());
+        };
+        let hist = diverge::dir(&r.sd);
+        let kept = c.live && diverge::kept_point(&hist)?.as_deref() == Some(l.id.as_str());
+        let whole = kept
+            .then(|| File::open(diverge::whole_path(&hist, self.id)).ok())
+            .flatten();
+        c.side = kept
+            .then(|| File::open(diverge::side_path(&hist, self.id)).ok())
+            .flatten();
+        let p = e.path.under(&r.root);
+        c.latest_direct = None;
+        c.latest = Some(match whole {
+            Some(f) => f,
+            None => {
                 c.latest_direct = self.if_direct(|| {
                     r.tree
                         .open_file(&e.path, libc::O_RDONLY | libc::O_DIRECT, 0)
                 });
-                c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
-                c.latest_pieces = Pieces::open_ro(&r.hash_file(self.id), self.bs);
-                c.latest_path = Some(e.path.clone());
+                r.tree.open_file(&e.path, libc::O_RDONLY, 0).at(&p)?
             }
-            None => c.gone = true,
-        }
+        });
+        c.latest_hashes = Hashes::open_ro(&r.hash_file(self.id)).ok();
+        c.latest_pieces = Pieces::open_ro(&r.hash_file(self.id), self.bs);
+        c.latest_path = Some(e.path.clone());
         Ok(())
     }
 
@@ -640,6 +675,9 @@ impl PointFile {
     /// Takes in what a read whose counter check passed found out; EIO if a block failed.
     fn remember(&self, c: &Chain, l: Learnt) -> io::Result<()> {
         for (src, a, z) in l.good {
+            if src == Src::Latest && c.live {
+                continue;
+            }
             if let Some(k) = Self::checked_of(c, src) {
                 k.set_good(a, z);
             }
@@ -749,7 +787,7 @@ impl PointFile {
             for n in first..b {
                 if !k.good(n) {
                     let at = (n * bs - x) as usize..(self.block_end(n) - x) as usize;
-                    Self::check(c, src, k, n, &run[at], l)?;
+                    Self::check(c, src, k, n, &mut run[at], l)?;
                 }
             }
         }
@@ -868,13 +906,14 @@ impl PointFile {
         Ok(())
     }
 
-    /// Checks block `b` (`data`, all of it) against the entry its source keeps.
+    /// Checks block `b` (`data`, all of it) against the entry its source keeps; a live
+    /// latest block that fails is replaced by its kept copy if that matches.
     fn check(
         c: &Chain,
         src: Src,
         k: &Checked,
         b: u64,
-        data: &[u8],
+        data: &mut [u8],
         l: &mut Learnt,
     ) -> io::Result<()> {
         if k.bad(b) {
@@ -891,10 +930,26 @@ impl PointFile {
         };
         if of(data) == want {
             l.good(src, b);
-        } else {
+        } else if !(src == Src::Latest && Self::from_side(c, b, data, &want)?) {
             l.bad.push((src, b, Some(Bad::Mismatch)));
         }
         Ok(())
+    }
+
+    /// Block `b` from the live store's kept copy, into `data`, if it matches `want`.
+    fn from_side(c: &Chain, b: u64, data: &mut [u8], want: &[u8; 32]) -> io::Result<bool> {
+        let Some(side) = &c.side else {
+            return Ok(false);
+        };
+        with_scratch(data.len(), |copy| {
+            let got = read_full(side, copy, b * c.bs)?;
+            copy[got..].fill(0);
+            if of(copy) != *want {
+                return Ok(false);
+            }
+            data.copy_from_slice(copy);
+            Ok(true)
+        })
     }
 
     /// The hash index of a source; `Err(ZERO)` for a source that is all zeros.
@@ -1031,7 +1086,7 @@ mod tests {
     #[test]
     fn a_layer_taken_in_forgets_the_checks_of_the_sources_beyond_it() {
         let n = 200;
-        let mut c = Chain::new(n);
+        let mut c = Chain::new(n, 65536);
         c.layers = vec![layer(3, vec![[0, 50]], n), layer(5, vec![[0, 200]], n)];
         let all = |c: &Chain| {
             for k in c
