@@ -61,7 +61,8 @@ impl Sshd {
         keygen(&dir.join("wrong"));
         // For the way back after a failover: the old primary's store is under `root`.
         let wide = keygen(&dir.join("wide"));
-        // A receiver (anywhere under `root`) that dies at the fault named in `dir/fault`.
+        // A receiver (anywhere under `root`) that dies at the fault named in `dir/fault`
+        // and speaks at most the protocol version in `dir/wire_max`.
         let dies = keygen(&dir.join("dies"));
         let restricted = format!("{BIN} receive --restrict-to {}", replicas.display());
         let keys = format!(
@@ -69,7 +70,7 @@ impl Sshd {
              command=\"PATH=/nonexistent; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\",restrict {nobin}\n\
              command=\"echo Welcome to the backup host; exec {restricted}\",restrict {noisy}\n\
              command=\"{BIN} receive --restrict-to {root}\",restrict {wide}\n\
-             command=\"DRFS_FAULT=$(cat {d}/fault) exec {BIN} receive --restrict-to {root}\",restrict {dies}\n",
+             command=\"DRFS_FAULT=$(cat {d}/fault 2>/dev/null) DRFS_WIRE_MAX=$(cat {d}/wire_max 2>/dev/null) exec {BIN} receive --restrict-to {root}\",restrict {dies}\n",
             root = root.display(),
             d = dir.display()
         );
@@ -143,6 +144,11 @@ impl Sshd {
     /// Where the `dies` key's receiver kills itself.
     fn fault(&self, at: &str) {
         std::fs::write(self.dir.join("fault"), at).unwrap();
+    }
+
+    /// The newest protocol version the `dies` key's receiver speaks (as an older drfs).
+    fn wire_max(&self, v: &str) {
+        std::fs::write(self.dir.join("wire_max"), v).unwrap();
     }
 
     fn target(&self, path: &Path) -> String {
@@ -987,6 +993,28 @@ fn a_planned_failover_and_its_failback_run_over_ssh() {
     assert_eq!(code(&out), 64, "{out:?}");
     fails(out, "needs --reverse-to ssh://");
     assert_eq!(role(&f.store), ("primary".into(), false));
+    // A replica's host with an older drfs: refused, the store unlocked again.
+    sshd.wire_max("3");
+    let out = drfs()
+        .args([
+            os("failover"),
+            store,
+            os("--planned"),
+            os("--reverse-to"),
+            os(&back),
+        ])
+        .env("DRFS_SSH_COMMAND", sshd.client("dies", "known_hosts"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{out:?}");
+    fails(
+        out,
+        "speaks protocol 3; a planned failover over the link needs 4",
+    );
+    assert_eq!(role(&f.store), ("primary".into(), false));
+    assert!(is_mounted(&f.mnt));
+    write_blocks(&f.m("disk.img"), 104, 1); // writable again: the final cycle ships it
+    sshd.wire_max("");
 
     // Mounted, with no writer: the mount turns read-only, ends, and the store is demoted.
     let out = ok(drfs().args([
