@@ -1032,6 +1032,10 @@ fn a_planned_failover_and_its_failback_run_over_ssh() {
     // Its hash index came over the link: every block checks against it.
     let v = ok(drfs().arg("verify").arg(&f.store));
     println!("{}", String::from_utf8_lossy(&v.stdout).trim());
+    for side in [&f.store, &replica] {
+        let st = ok(drfs().arg("status").arg(side));
+        println!("{}", String::from_utf8_lossy(&st.stdout).trim());
+    }
     let events = ok(drfs().arg("events").arg(&replica));
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("planned failover from ssh://"), "{events}");
