@@ -452,8 +452,9 @@ fn compressed_streams_apply_and_corrupt_frames_or_bombs_are_refused() {
     assert_eq!(std::fs::read(c.replica.join("f")).unwrap(), data);
 }
 
-/// A planned failover's session from store `store`: hello, then `then`, then bye.
-fn planned_stream(store: &str, then: &[Msg]) -> Vec<u8> {
+/// A session from store `store` (a planned failover's, with `planned`) that binds no
+/// new replica: hello, then `then`, then bye.
+fn session_stream(store: &str, planned: bool, then: &[Msg]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut w = Writer::new(&mut out).unwrap();
     w.msg(&Msg::Hello {
@@ -462,7 +463,7 @@ fn planned_stream(store: &str, then: &[Msg]) -> Vec<u8> {
         init: false,
         keep: "all:1h".into(),
         seed: false,
-        planned: true,
+        planned,
         reprotect: None,
     })
     .unwrap();
@@ -510,21 +511,7 @@ fn a_planned_session_promotes_only_for_its_primary_at_its_latest_point() {
         first: 0,
         count: 1 << 20,
     };
-    let mut plain = Vec::new();
-    {
-        let mut w = Writer::new(&mut plain).unwrap();
-        w.msg(&Msg::Hello {
-            store_id: "s0".into(),
-            block_size: BS,
-            init: false,
-            keep: "all:1h".into(),
-            seed: false,
-            planned: false,
-            reprotect: None,
-        })
-        .unwrap();
-        w.msg(&promote(&latest, back)).unwrap();
-    }
+    let plain = session_stream("s0", false, &[promote(&latest, back)]);
     for (bytes, why, says) in [
         (
             plain,
@@ -532,27 +519,27 @@ fn a_planned_session_promotes_only_for_its_primary_at_its_latest_point() {
             "only a planned failover's session",
         ),
         (
-            planned_stream("s1", &[promote(&latest, back)]),
+            session_stream("s1", true, &[promote(&latest, back)]),
             "another store's session",
             "another store",
         ),
         (
-            planned_stream("s0", &[promote("00000009", back)]),
+            session_stream("s0", true, &[promote("00000009", back)]),
             "a point that is not the latest",
             "not 00000009",
         ),
         (
-            planned_stream("s0", &[promote(&latest, "/srv/store")]),
+            session_stream("s0", true, &[promote(&latest, "/srv/store")]),
             "a way back that is not ssh",
             "must be an ssh:// target",
         ),
         (
-            planned_stream("s0", &[begin]),
+            session_stream("s0", true, &[begin]),
             "a cycle in a planned session",
             "ships no cycle",
         ),
         (
-            planned_stream("s0", &[index]),
+            session_stream("s0", true, &[index]),
             "an index request too large",
             "too large",
         ),
@@ -565,7 +552,7 @@ fn a_planned_session_promotes_only_for_its_primary_at_its_latest_point() {
         assert!(cfg().contains("role = \"replica\""), "{why}: promoted");
     }
     // Its own primary, at the latest point: promoted, with the way back as settings.
-    let out = c.feed(&planned_stream("s0", &[promote(&latest, back)]));
+    let out = c.feed(&session_stream("s0", true, &[promote(&latest, back)]));
     assert!(out.status.success(), "{out:?}");
     let cfg = cfg();
     assert!(cfg.contains("role = \"primary\""), "{cfg}");

@@ -955,22 +955,36 @@ fn last_cycle_bytes(store: &Path) -> u64 {
     st["last_cycle"]["bytes"].as_u64().unwrap()
 }
 
-/// A store replicating over ssh to a fresh replica under sshd's replica directory, with
-/// a 32 MiB image (4 MiB of data shipped, then 3 blocks written after the cycle) and a
-/// small file: the replica, its target and the store's way back.
-fn protected_over_ssh(f: &Fixture, sshd: &Sshd) -> (PathBuf, String, String) {
+/// The mounted store protected over ssh to a fresh replica `vm` under sshd's replica
+/// directory and shipped once: a `mib` MiB image with its first `blocks` 64 KiB blocks
+/// written, and a small file `name`. The replica and its target.
+fn shipped_over_ssh(
+    f: &Fixture,
+    sshd: &Sshd,
+    mib: u64,
+    blocks: u64,
+    name: &str,
+) -> (PathBuf, String) {
     let replica = sshd.replicas.join("vm");
     std::fs::create_dir(&replica).unwrap();
     f.mount(&[]);
     sh(&format!(
-        "truncate -s 32M {m}/disk.img && echo notes > {m}/notes",
+        "truncate -s {mib}M {m}/disk.img && echo {name} > {m}/{name}",
         m = f.mnt.display()
     ));
-    write_blocks(&f.m("disk.img"), 0, 64);
+    write_blocks(&f.m("disk.img"), 0, blocks);
     let to = sshd.target(&replica);
     let out = protect(&f.store, &to, &sshd.client("id", "known_hosts"));
     assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
     ok(drfs().arg("ship").arg(&f.store));
+    (replica, to)
+}
+
+/// A store replicating over ssh (`shipped_over_ssh`: a 32 MiB image, 4 MiB of data
+/// shipped, a file `notes`), then 3 blocks written after the cycle: the replica, its
+/// target and the store's way back.
+fn protected_over_ssh(f: &Fixture, sshd: &Sshd) -> (PathBuf, String, String) {
+    let (replica, to) = shipped_over_ssh(f, sshd, 32, 64, "notes");
     // Writes up to the stop: the final cycle ships them.
     write_blocks(&f.m("disk.img"), 100, 3);
     (replica, to, sshd.target(&f.store))
@@ -1147,26 +1161,13 @@ fn a_planned_failover_over_ssh_killed_at_any_step_completes_when_run_again() {
     }
 }
 
-/// A store protected over ssh whose primary diverged after its last cycle (4 MiB
+/// A store protected over ssh (`shipped_over_ssh`: a 256 MiB image, 16 MiB of data, a
+/// file `a.txt`) whose primary diverged after its last cycle (4 MiB
 /// rewritten, a file created, one deleted; a copy of it as it was then in `snap`), then
 /// failed over unplanned to its replica, whose new primary wrote 2 MiB: the replica
 /// and the bytes that differ between the two sides.
 fn diverged_over_ssh(f: &Fixture, sshd: &Sshd, snap: &Path) -> (PathBuf, u64) {
-    let replica = sshd.replicas.join("vm");
-    std::fs::create_dir(&replica).unwrap();
-    f.mount(&[]);
-    sh(&format!(
-        "truncate -s 256M {m}/disk.img && echo shipped > {m}/a.txt",
-        m = f.mnt.display()
-    ));
-    write_blocks(&f.m("disk.img"), 0, 256);
-    let out = protect(
-        &f.store,
-        &sshd.target(&replica),
-        &sshd.client("id", "known_hosts"),
-    );
-    assert!(out.status.success(), "protect: {out:?}\n{}", sshd.log());
-    ok(drfs().arg("ship").arg(&f.store));
+    let (replica, _) = shipped_over_ssh(f, sshd, 256, 256, "a.txt");
     // Never shipped: the disaster takes these (over blocks the replica holds, so the
     // new primary's must travel back).
     write_blocks(&f.m("disk.img"), 100, 64);

@@ -73,6 +73,13 @@ pub struct Promotion {
     pub committed: bool,
 }
 
+impl Promotion {
+    /// A planned failover of the store `store` made it (so that store may finish it).
+    pub fn planned_by(&self, store: &str) -> bool {
+        self.planned && self.from == store
+    }
+}
+
 /// A lineage: the epochs of one directory, oldest first.
 pub fn current(epochs: &[Epoch]) -> Option<&Epoch> {
     epochs.last()

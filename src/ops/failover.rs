@@ -509,7 +509,7 @@ pub fn planned(store: &Path, back: Option<&str>) -> Result<FailedOver> {
     let promoted_from_us = Replica::open_only(&replica)
         .ok()
         .and_then(|r| r.cfg.promoted.clone())
-        .is_some_and(|p| p.planned && p.from == cfg.store_id);
+        .is_some_and(|p| p.planned_by(&cfg.store_id));
     if !promoted_from_us {
         final_cycle(&sd, &root)?;
         crate::sys::fault::hit("planned:shipped");

@@ -295,15 +295,6 @@ impl<R: Read, W: Write> Session<'_, R, W> {
         reverse: &Reverse,
     ) -> Result<()> {
         let (from, promote) = self.planned()?;
-        if !reverse.target.starts_with("ssh://") {
-            return refuse(
-                format!(
-                    "replication back to {} over the stream must be an ssh:// target",
-                    reverse.target
-                ),
-                false,
-            );
-        }
         let (point, manifest) = promote(store.location(), from, point, reverse)?;
         self.w.msg(&Msg::Promoted {
             point,

@@ -164,8 +164,17 @@ pub fn promote_planned(
     rev: &Reverse,
 ) -> Result<(PointRef, Manifest)> {
     Policy::parse(&rev.keep).map_err(Error::operator)?;
+    let target = match rev.target.parse::<Target>() {
+        Ok(t @ Target::Ssh { .. }) => t,
+        _ => {
+            return Err(Error::operator(format!(
+                "replication back to {} over the stream must be an ssh:// target",
+                rev.target
+            )));
+        }
+    };
     let back = Replication {
-        target: rev.target.parse().map_err(Error::operator)?,
+        target,
         interval: rev.interval,
         keep: rev.keep.clone(),
         group: rev.group,
@@ -193,7 +202,7 @@ pub fn promote_planned(
             promote(&r, &latest, &latest, &latest.id, true)?;
             true
         }
-        Some(p) if p.planned && p.from == from && p.point == point => false,
+        Some(p) if p.planned_by(from) && p.point == point => false,
         Some(_) => {
             r.refuse_if_promoted()?;
             false

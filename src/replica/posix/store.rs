@@ -78,7 +78,7 @@ impl Receiving {
             .cfg
             .promoted
             .as_ref()
-            .is_some_and(|p| p.planned && p.from == store_id);
+            .is_some_and(|p| p.planned_by(store_id));
         if !(b.planned && by_planned) {
             r.refuse_if_promoted()?;
         }
